@@ -1,0 +1,52 @@
+"""Benchmark helper: measure one variant in a fresh interpreter and report its peak extra memory and time.
+
+Peak memory on CPU is the rise of the resident-set high-water mark (VmHWM) over the resident set just before the
+measured call (Linux resets the mark through /proc/self/clear_refs). A fresh process per variant keeps one variant's
+freed-but-cached memory from hiding another's peak. The benchmark script re-runs itself with `--child VARIANT`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child_measure(state, run, repeats: int) -> None:
+    """In the child: first call measured for memory, then `repeats` timed calls; prints one JSON line."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    run(state)
+    first = time.perf_counter() - start
+    peak = (_status_kib("VmHWM") - before) / 1024
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(state)
+        times.append(time.perf_counter() - start)
+    print(
+        "RESULT " + json.dumps({"peak_mib": peak, "first_s": first, "median_s": statistics.median(times or [first])})
+    )
+
+
+def measure_in_subprocess(script: str, variant: str, extra_args: list[str]) -> dict:
+    """Run `python script --child variant *extra_args` and parse its RESULT line."""
+    out = subprocess.run(
+        [sys.executable, script, "--child", variant, *extra_args], capture_output=True, text=True, check=False
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"{variant} failed:\n{out.stdout}\n{out.stderr}")

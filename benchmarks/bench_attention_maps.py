@@ -1,0 +1,109 @@
+"""Class attention maps: explicit class-token rows (this package) vs recording full eager attention (original code).
+
+ViT-B/16 at 448 x 448, C=20 class tokens + 1 [REG], one image, CPU, inference. Both variants use the same random
+weights and produce the same maps (checked). The reference runs the eager attention and keeps every layer's full
+(heads x T x T) attention, as the public implementation does, then slices the class rows; this package runs the
+default attention (sdpa) and computes softmax rows only for the C class-token queries in the layers it needs.
+
+    python benchmarks/bench_attention_maps.py [--layers 1] [--threads 2]
+
+Targets: >= 5x less peak memory and >= 1.5x faster than the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from _measure import child_measure, measure_in_subprocess  # noqa: E402
+
+from modeling_clsmask import ClsMaskConfig, ClsMaskForMultiLabelClassification  # noqa: E402
+
+
+NUM_CLASSES = 20
+SIZE = 448
+
+
+def build(layers: int, implementation: str):
+    torch.manual_seed(0)
+    config = ClsMaskConfig(
+        image_size=SIZE,
+        patch_size=16,
+        id2label={i: f"class_{i}" for i in range(NUM_CLASSES)},
+        attention_map_layers=layers,
+    )
+    model = ClsMaskForMultiLabelClassification(config).eval()
+    model.set_attn_implementation(implementation)
+    return model, torch.randn(1, 3, SIZE, SIZE)
+
+
+def ours(layers):
+    def setup():
+        return build(layers, "sdpa")
+
+    def run(state):
+        model, pixels = state
+        with torch.inference_mode():
+            return model(pixels, output_class_maps=True).class_maps
+
+    return setup, run
+
+
+def reference(layers):
+    def setup():
+        return build(layers, "eager")
+
+    def run(state):
+        model, pixels = state
+        with torch.inference_mode():
+            out = model.clsmask(pixels, output_attentions=True)
+            grid = SIZE // 16
+            patches = slice(NUM_CLASSES, NUM_CLASSES + grid * grid)
+            maps = sum(att[:, :, :NUM_CLASSES, patches].mean(1) for att in out.attentions[-layers:])
+            return maps.reshape(1, NUM_CLASSES, grid, grid)
+
+    return setup, run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=1, help="last layers aggregated (the reference records all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=["ours", "reference", "check"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = {"ours": ours(args.layers), "reference": reference(args.layers)}
+    if args.child == "check":
+        # Same maps from both paths.
+        (a_setup, a_run), (b_setup, b_run) = variants["ours"], variants["reference"]
+        torch.testing.assert_close(a_run(a_setup()), b_run(b_setup()), atol=1e-5, rtol=1e-4)
+        print("RESULT {}")
+        return
+    if args.child:
+        setup, run = variants[args.child]
+        child_measure(setup(), run, args.repeats)
+        return
+
+    forwarded = ["--layers", str(args.layers), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+    measure_in_subprocess(__file__, "check", forwarded)
+    ref = measure_in_subprocess(__file__, "reference", forwarded)
+    new = measure_in_subprocess(__file__, "ours", forwarded)
+    print(f"ViT-B/16, {SIZE}x{SIZE}, C={NUM_CLASSES}, 1 image, CPU threads={args.threads}, layers={args.layers}")
+    print(f"{'variant':<42}{'peak extra MiB':>16}{'median s':>12}")
+    print(f"{'reference (eager, all attentions kept)':<42}{ref['peak_mib']:>16.1f}{ref['median_s']:>12.3f}")
+    print(f"{'clsmask (sdpa + class-token rows)':<42}{new['peak_mib']:>16.1f}{new['median_s']:>12.3f}")
+    memory_ratio = ref["peak_mib"] / max(new["peak_mib"], 1e-3)
+    speed_ratio = ref["median_s"] / new["median_s"]
+    print(f"memory ratio (reference / clsmask): {memory_ratio:.1f}x  (target >= 5x)")
+    print(f"speed ratio  (reference / clsmask): {speed_ratio:.2f}x  (target >= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Image processor for the class-token ViT: resize, rescale, normalise (Pillow/NumPy backend), and pseudo-masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
+
+from .pseudo_masks import masks_from_class_maps
+
+
+class ClsMaskImageProcessor(PilBackend):
+    """ViT-style preprocessing that also accepts any number of bands (e.g. 13-band Sentinel-2 arrays).
+
+    `background_threshold` and `background_label_id` mirror the model config; they are the defaults of
+    `post_process_semantic_segmentation` so that the stock image-segmentation pipeline paints background.
+    """
+
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
+    size = {"height": 224, "width": 224}
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, background_threshold: float | None = None, background_label_id: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.background_threshold = background_threshold
+        self.background_label_id = background_label_id
+
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "ClsMaskImageProcessor":
+        """A processor matching a `ClsMaskConfig`: its image size, band count and background settings."""
+        height, width = config.image_grid_size
+        defaults = {"size": {"height": height, "width": width}}
+        if config.num_channels != 3:
+            defaults["image_mean"] = [0.0] * config.num_channels
+            defaults["image_std"] = [1.0] * config.num_channels
+            defaults["do_rescale"] = False
+        defaults.update(kwargs)
+        return cls(
+            background_threshold=config.background_threshold,
+            background_label_id=config.background_label_id,
+            **defaults,
+        )
+
+    def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
+        """Like the Pillow backend, but channel-last arrays with any band count are accepted."""
+        if (
+            isinstance(image, np.ndarray)
+            and image.ndim == 3
+            and image.shape[-1] not in (1, 3, 4)
+            and input_data_format is None
+        ):
+            if image.shape[0] < image.shape[-1]:
+                return image
+            return np.moveaxis(image, -1, 0)
+        return super().process_image(
+            image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs
+        )
+
+    def resize(self, image: np.ndarray, size, resample=None, **kwargs) -> np.ndarray:
+        """Pillow for 8-bit 1/3/4-channel images; bilinear torch interpolation otherwise (floats, many bands)."""
+        if image.dtype == np.uint8 and image.shape[0] in (1, 3, 4):
+            return super().resize(image, size, resample=resample, **kwargs)
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        out = torch.nn.functional.interpolate(
+            tensor, size=(size.height, size.width), mode="bilinear", align_corners=False, antialias=True
+        )
+        return out[0].numpy()
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes: list[tuple[int, int]] | None = None,
+        background_threshold: float | None = -1.0,
+        background_label_id: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Pseudo-masks (paper, Sec. 3) as a list of (H, W) label tensors, one per image.
+
+        `outputs` is a `ClsMaskSemanticSegmenterOutput`; the classes used are `outputs.present` (predicted, or the
+        given image labels). `target_sizes` gives each image's (H, W); default: the logits' size times the patch
+        size cannot be known here, so the maps' own resolution is used. `background_threshold=-1.0` (default)
+        means "use this processor's setting"; pass `None` to force every pixel to a foreground class.
+        """
+        if background_threshold is not None and background_threshold < 0:
+            background_threshold = self.background_threshold
+        if background_label_id is None:
+            background_label_id = self.background_label_id
+        class_maps = getattr(outputs, "class_maps", None)
+        if class_maps is None:
+            logits = outputs.logits
+            sizes = target_sizes or [tuple(logits.shape[-2:])] * logits.shape[0]
+            return [
+                torch.nn.functional.interpolate(logit[None], size=tuple(size), mode="bilinear", align_corners=False)[
+                    0
+                ].argmax(0)
+                for logit, size in zip(logits, sizes)
+            ]
+        batch = class_maps.shape[0]
+        if target_sizes is not None and len(target_sizes) != batch:
+            raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch} images.")
+        sizes = [tuple(int(s) for s in size) for size in target_sizes] if target_sizes is not None else None
+        if sizes is None or len(set(sizes)) == 1:
+            size = sizes[0] if sizes else tuple(class_maps.shape[-2:])
+            masks = masks_from_class_maps(
+                class_maps, outputs.class_probs, outputs.present, size, background_threshold, background_label_id
+            )
+            return list(masks.unbind(0))
+        return [
+            masks_from_class_maps(
+                class_maps[i : i + 1],
+                outputs.class_probs[i : i + 1],
+                outputs.present[i : i + 1],
+                sizes[i],
+                background_threshold,
+                background_label_id,
+            )[0]
+            for i in range(batch)
+        ]
+
+
+__all__ = ["ClsMaskImageProcessor"]
+
+ClsMaskImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -1,0 +1,729 @@
+"""PyTorch class-token ViT of "Know Your Attention Maps: Class-specific Token Masking for WSSS" (ICCV 2025).
+
+The sequence is C class tokens (one per label), the patch tokens and R [REG] tokens. Each class token is read by the
+multi-label classifier; during training the output of the token of an absent class is zeroed at random, so that
+each token carries its own class and its attention over the patches localises it. Optional Hard Concrete gates
+prune attention heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, logging
+
+from .configuration_clsmask import ClsMaskConfig
+from .pseudo_masks import masks_from_class_maps, normalize_maps
+
+
+logger = logging.get_logger(__name__)
+
+# Written into every saved config: a stage-1 checkpoint loads as a base model, classifier or segmenter.
+AUTO_MAP = {
+    "AutoConfig": "configuration_clsmask.ClsMaskConfig",
+    "AutoModel": "modeling_clsmask.ClsMaskModel",
+    "AutoModelForImageClassification": "modeling_clsmask.ClsMaskForMultiLabelClassification",
+    "AutoModelForSemanticSegmentation": "modeling_clsmask.ClsMaskForSemanticSegmentation",
+}
+
+
+@dataclass
+class ClsMaskModelOutput(ModelOutput):
+    """
+    last_hidden_state: (B, C + N + R, D) after the final layer norm; class tokens first, registers last.
+    class_attentions: per layer that was asked for, (B, heads, C, C + N + R): the attention rows of the class tokens.
+    hidden_states / attentions: as in transformers (attentions are full (B, heads, T, T) rows, computed explicitly).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    class_attentions: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ClsMaskClassifierOutput(ModelOutput):
+    """
+    loss: BCE (+ L0 gate penalty) when `labels` is given.
+    logits: (B, C) class logits (sigmoid for probabilities).
+    class_maps: (B, C, h, w) class-to-patch attention aggregated over heads and the last layers, when asked for.
+    l0_loss: the gate penalty before weighting (expected number of open gates), when gates are used.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    class_maps: torch.FloatTensor | None = None
+    class_attentions: tuple[torch.FloatTensor, ...] | None = None
+    l0_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ClsMaskSemanticSegmenterOutput(ModelOutput):
+    """
+    logits: (B, num_labels, h, w) segmentation scores at patch resolution: the normalised class map for classes
+        taken as present, -1 elsewhere, and `background_threshold` in the background channel when one is set.
+        Their argmax is a coarse mask; `ClsMaskImageProcessor.post_process_semantic_segmentation` builds the
+        paper's pseudo-mask from `class_maps` and `class_probs` instead.
+    class_logits / class_probs: (B, C) image-level outputs. present: (B, C) bool, classes used for the masks.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    class_logits: torch.FloatTensor | None = None
+    class_probs: torch.FloatTensor | None = None
+    class_maps: torch.FloatTensor | None = None
+    present: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class ClsMaskPatchEmbeddings(nn.Module):
+    """Non-overlapping patch projection; checks the input so errors name the problem."""
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.patch_size = config.patch_size
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                "pixel_values must be a 4-D tensor (batch, channels, height, width); "
+                f"got shape {tuple(pixel_values.shape)}."
+            )
+        _, channels, height, width = pixel_values.shape
+        if channels != self.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels but the model expects num_channels={self.num_channels}. "
+                "Convert the images (e.g. to RGB) or build the model with a matching `num_channels`."
+            )
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Image size {height}x{width} is not divisible by the patch size {self.patch_size}; resize or pad "
+                "the images to a multiple of it."
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class ClsMaskEmbeddings(nn.Module):
+    """[C class tokens][patch tokens][R register tokens], each with a learnable position embedding.
+
+    Patch position embeddings are interpolated bicubically to other grids (non-square included), so the model
+    runs at any size divisible by the patch size.
+    """
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        num_classes = config.num_labels
+        self.patch_embeddings = ClsMaskPatchEmbeddings(config)
+        self.grid_size = (
+            config.image_grid_size[0] // config.patch_size,
+            config.image_grid_size[1] // config.patch_size,
+        )
+        self.class_tokens = nn.Parameter(torch.zeros(1, num_classes, hidden))
+        self.class_position_embeddings = nn.Parameter(torch.zeros(1, num_classes, hidden))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden))
+        if config.num_register_tokens > 0:
+            self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden))
+            self.register_position_embeddings = nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden))
+        else:
+            self.register_tokens = None
+            self.register_position_embeddings = None
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """Patch position embeddings for a (grid_height, grid_width) patch grid."""
+        if (grid_height, grid_width) == self.grid_size:
+            return self.position_embeddings
+        dim = self.position_embeddings.shape[-1]
+        grid = self.position_embeddings.reshape(1, *self.grid_size, dim).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(
+            grid.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
+        ).to(self.position_embeddings.dtype)
+        return grid.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        batch = pixel_values.shape[0]
+        patches = self.patch_embeddings(pixel_values)
+        grid = patch_grid(pixel_values, self.config.patch_size)
+        parts = [
+            (self.class_tokens + self.class_position_embeddings).expand(batch, -1, -1),
+            patches + self.interpolate_pos_encoding(*grid),
+        ]
+        if self.register_tokens is not None:
+            parts.append((self.register_tokens + self.register_position_embeddings).expand(batch, -1, -1))
+        return self.dropout(torch.cat(parts, dim=1))
+
+
+class ClsMaskHeadGate(nn.Module):
+    """Hard Concrete gates (Louizos et al., 2018), one per attention head, with an L0 penalty.
+
+    Training: stochastic stretched-and-clipped sample, made hard at 0.5 with a straight-through gradient.
+    Eval: deterministic `clip(sigmoid(log_alpha) * (high - low) + low, 0, 1)`, so a closed head is exactly 0.
+    """
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.temperature = config.gate_temperature
+        self.low = config.gate_limit_low
+        self.high = config.gate_limit_high
+        self.log_alpha = nn.Parameter(torch.zeros(config.num_attention_heads))
+
+    def forward(self) -> torch.Tensor:
+        if self.training:
+            u = torch.rand_like(self.log_alpha).clamp(1e-6, 1 - 1e-6)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
+            soft = (s * (self.high - self.low) + self.low).clamp(0.0, 1.0)
+            hard = (soft > 0.5).to(soft.dtype)
+            return hard + soft - soft.detach()
+        return self.deterministic()
+
+    def deterministic(self) -> torch.Tensor:
+        """Eval-mode gate values, whatever mode the module is in."""
+        return (torch.sigmoid(self.log_alpha) * (self.high - self.low) + self.low).clamp(0.0, 1.0)
+
+    def l0_norm(self) -> torch.Tensor:
+        """Expected number of open gates, sum_h P(gate_h != 0)."""
+        return torch.sigmoid(self.log_alpha - self.temperature * math.log(-self.low / self.high)).sum()
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class ClsMaskSelfAttention(nn.Module):
+    """Multi-head self-attention with optional per-head gates on the head outputs.
+
+    Gating the head output equals gating its attention map (the value product is linear), and keeps fused kernels
+    (sdpa, flash) usable in training. The class tokens' attention rows are computed explicitly only when asked
+    for, as C x T instead of T x T.
+    """
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.config = config
+        self.num_attention_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        inner = config.num_attention_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(inner, config.hidden_size)
+        self.head_gate = ClsMaskHeadGate(config) if config.use_head_gates else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_class_attentions: bool = False,
+        output_attentions: bool = False,
+        num_queries: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`num_queries`: attend from the first `num_queries` tokens only (keys and values stay all tokens)."""
+        batch, length, _ = hidden_states.shape
+        num_queries = num_queries or length
+        shape = (batch, -1, self.num_attention_heads, self.head_dim)
+        query = self.q_proj(hidden_states[:, :num_queries]).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        if self.head_gate is not None:
+            attn_output = attn_output * self.head_gate().to(attn_output.dtype)[None, None, :, None]
+        attn_output = self.o_proj(attn_output.reshape(batch, num_queries, -1))
+
+        class_attentions = None
+        if output_class_attentions:
+            num_classes = self.config.num_labels
+            scores = torch.matmul(query[:, :, :num_classes], key.transpose(2, 3)) * self.scaling
+            class_attentions = scores.softmax(dim=-1, dtype=torch.float32)
+        if output_attentions and attn_weights is None:
+            attn_weights = (torch.matmul(query, key.transpose(2, 3)) * self.scaling).softmax(-1, dtype=torch.float32)
+        return attn_output, class_attentions, attn_weights if output_attentions else None
+
+    def head_weights(self) -> torch.Tensor:
+        """Weights for averaging heads into class maps: uniform over open heads (closed gates excluded)."""
+        if self.head_gate is None:
+            return torch.full(
+                (self.num_attention_heads,), 1.0 / self.num_attention_heads, device=self.q_proj.weight.device
+            )
+        open_heads = (self.head_gate.deterministic().detach() > 0).float()
+        if open_heads.sum() == 0:
+            return torch.zeros_like(open_heads)
+        return open_heads / open_heads.sum()
+
+
+class ClsMaskMLP(nn.Module):
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class ClsMaskLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block, with the module names of transformers' `ViTLayer`."""
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.attention = ClsMaskSelfAttention(config)
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ClsMaskMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_class_attentions: bool = False,
+        output_attentions: bool = False,
+        num_queries: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """With `num_queries`, only the first `num_queries` tokens are updated and returned."""
+        attn_output, class_attentions, attentions = self.attention(
+            self.layernorm_before(hidden_states), output_class_attentions, output_attentions, num_queries
+        )
+        hidden_states = hidden_states[:, : attn_output.shape[1]] + self.dropout(attn_output)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return hidden_states, class_attentions, attentions
+
+
+class ClsMaskPreTrainedModel(PreTrainedModel):
+    config: ClsMaskConfig
+    config_class = ClsMaskConfig
+    base_model_prefix = "clsmask"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ClsMaskEmbeddings", "ClsMaskLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual; `auto_map` lists every head so any saved folder loads with each Auto class."""
+        self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, ClsMaskEmbeddings):
+            for param in (module.class_tokens, module.class_position_embeddings, module.position_embeddings):
+                init.trunc_normal_(param, mean=0.0, std=std)
+            if module.register_tokens is not None:
+                init.trunc_normal_(module.register_tokens, mean=0.0, std=std)
+                init.trunc_normal_(module.register_position_embeddings, mean=0.0, std=std)
+        elif isinstance(module, ClsMaskHeadGate):
+            # log_alpha = 3 opens every gate fully at the start (eval value clip(1.04) = 1).
+            init.constant_(module.log_alpha, 3.0)
+
+    @classmethod
+    def from_vit_pretrained(
+        cls, pretrained_model_name_or_path: str, id2label: dict[int, str] | None = None, **overrides
+    ) -> "ClsMaskPreTrainedModel":
+        """Initialise from any transformers ViT or DeiT checkpoint (a folder or a Hub id).
+
+        Copies the patch embedding, every block, the final layer norm and the position embeddings; the [CLS] token
+        and its position embedding initialise every class and register token. `overrides` set other config
+        fields (e.g. `image_size`, `num_register_tokens`, `use_head_gates`); patch position embeddings are
+        interpolated when the patch grid changes.
+        """
+        from transformers import AutoModel
+
+        source = AutoModel.from_pretrained(pretrained_model_name_or_path)
+        source_config = source.config
+        for name in ("embeddings", "layers", "layernorm"):
+            if not hasattr(source, name):
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} loads as {type(source).__name__}, which has no `{name}`; "
+                    "from_vit_pretrained expects a ViT or DeiT checkpoint."
+                )
+        fields = {
+            name: getattr(source_config, name)
+            for name in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "hidden_act",
+                "layer_norm_eps",
+                "image_size",
+                "patch_size",
+                "num_channels",
+                "qkv_bias",
+                "initializer_range",
+            )
+        }
+        if id2label is not None:
+            fields["id2label"] = {int(k): v for k, v in id2label.items()}
+            fields["label2id"] = {v: int(k) for k, v in id2label.items()}
+        fields.update(overrides)
+        model = cls(ClsMaskConfig(**fields))
+        model.load_vit_weights(source)
+        return model
+
+    @torch.no_grad()
+    def load_vit_weights(self, source: nn.Module) -> None:
+        """Copy the weights of a transformers ViT/DeiT base model (module tree, not raw state-dict keys)."""
+        base = self.base_model
+        embeddings = base.embeddings
+        src_embeddings = source.embeddings
+        embeddings.patch_embeddings.projection.load_state_dict(src_embeddings.patch_embeddings.projection.state_dict())
+        positions = src_embeddings.position_embeddings
+        src_grid = [s // source.config.patch_size for s in _pair(source.config.image_size)]
+        num_prefix = positions.shape[1] - src_grid[0] * src_grid[1]
+        class_position = positions[:, :1]
+        patch_positions = positions[:, num_prefix:]
+        if tuple(src_grid) != embeddings.grid_size:
+            dim = patch_positions.shape[-1]
+            grid = patch_positions.reshape(1, *src_grid, dim).permute(0, 3, 1, 2)
+            grid = nn.functional.interpolate(grid, size=embeddings.grid_size, mode="bicubic", align_corners=False)
+            patch_positions = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        embeddings.position_embeddings.copy_(patch_positions)
+        embeddings.class_position_embeddings.copy_(class_position.expand_as(embeddings.class_position_embeddings))
+        embeddings.class_tokens.copy_(src_embeddings.cls_token.expand_as(embeddings.class_tokens))
+        if embeddings.register_tokens is not None:
+            embeddings.register_tokens.copy_(src_embeddings.cls_token.expand_as(embeddings.register_tokens))
+            embeddings.register_position_embeddings.copy_(class_position.expand_as(embeddings.register_tokens))
+        missing, unexpected = base.layers.load_state_dict(source.layers.state_dict(), strict=False)
+        missing = [key for key in missing if "head_gate" not in key]
+        if missing or unexpected:
+            raise ValueError(f"ViT blocks do not match this model: missing {missing}, unexpected {unexpected}.")
+        base.layernorm.load_state_dict(source.layernorm.state_dict())
+
+    def class_maps_from_attentions(
+        self, class_attentions: tuple[torch.Tensor, ...], grid: tuple[int, int], layers: list[int]
+    ) -> torch.Tensor:
+        """Class-to-patch attention, heads averaged (closed gates excluded) and layers summed: (B, C, h, w)."""
+        base = self.base_model
+        num_classes = self.config.num_labels
+        num_patches = grid[0] * grid[1]
+        maps = 0
+        for attention, index in zip(class_attentions, layers):
+            weights = base.layers[index].attention.head_weights().to(attention.dtype)
+            patch_attention = attention[..., num_classes : num_classes + num_patches]
+            maps = maps + torch.einsum("bhcn,h->bcn", patch_attention, weights)
+        return maps.reshape(-1, num_classes, *grid)
+
+
+def patch_grid(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    """(rows, columns) of patches of a (B, C, H, W) input."""
+    return pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
+
+
+class ClsMaskModel(ClsMaskPreTrainedModel):
+    """The bare class-token ViT: embeddings, blocks and a final layer norm."""
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__(config)
+        self.embeddings = ClsMaskEmbeddings(config)
+        self.layers = nn.ModuleList([ClsMaskLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def class_attention_layers(self, num_layers: int | None = None) -> list[int]:
+        """Indices of the last `num_layers` (default `config.attention_map_layers`) blocks."""
+        num_layers = num_layers or self.config.attention_map_layers
+        total = self.config.num_hidden_layers
+        if not 1 <= num_layers <= total:
+            raise ValueError(f"attention_map_layers must lie in [1, {total}], got {num_layers}.")
+        return list(range(total - num_layers, total))
+
+    def l0_norm(self) -> torch.Tensor | None:
+        """Expected number of open head gates over all layers (None without gates)."""
+        if not self.config.use_head_gates:
+            return None
+        return torch.stack([layer.attention.head_gate.l0_norm() for layer in self.layers]).sum()
+
+    def gate_values(self) -> torch.Tensor | None:
+        """(layers, heads) deterministic gate values; 0 means the head is pruned."""
+        if not self.config.use_head_gates:
+            return None
+        return torch.stack([layer.attention.head_gate.deterministic().detach() for layer in self.layers])
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_class_attentions: bool = False,
+        attention_map_layers: int | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        class_tokens_only: bool = False,
+        **kwargs,
+    ) -> ClsMaskModelOutput | tuple:
+        """
+        pixel_values: (B, num_channels, H, W), H and W divisible by the patch size (any size: position embeddings
+            are interpolated).
+        output_class_attentions: return the class tokens' attention rows of the last `attention_map_layers` blocks.
+        class_tokens_only: the last block updates only the class tokens and `last_hidden_state` is (B, C, D).
+            Heads that read only the class tokens skip the last block's patch-token work (a 1/num_layers saving).
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        hidden_states = self.embeddings(pixel_values.to(dtype))
+        wanted = set(self.class_attention_layers(attention_map_layers)) if output_class_attentions else set()
+
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        class_attentions = () if output_class_attentions else None
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            num_queries = self.config.num_labels if class_tokens_only and index == last else None
+            hidden_states, layer_class_attentions, layer_attentions = layer(
+                hidden_states, index in wanted, bool(output_attentions), num_queries
+            )
+            if index in wanted:
+                class_attentions += (layer_class_attentions,)
+            if output_attentions:
+                all_attentions += (layer_attentions,)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        hidden_states = self.layernorm(hidden_states)
+        output = ClsMaskModelOutput(
+            last_hidden_state=hidden_states,
+            class_attentions=class_attentions,
+            hidden_states=all_hidden,
+            attentions=all_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
+    """The paper's classifier: the C class-token outputs, flattened, into one Linear; BCE; token masking."""
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__(config)
+        self.clsmask = ClsMaskModel(config)
+        self.classifier = nn.Linear(config.num_labels * config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def check_labels(self, labels: torch.Tensor, batch: int) -> torch.Tensor:
+        """Validate (B, C) multi-hot labels so a wrong shape or value fails loudly, not as a silent broadcast."""
+        num_classes = self.config.num_labels
+        if labels.shape != (batch, num_classes):
+            raise ValueError(
+                f"labels must be multi-hot of shape (batch, num_labels) = ({batch}, {num_classes}); "
+                f"got {tuple(labels.shape)}."
+            )
+        if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
+            raise ValueError("labels must be multi-hot: every entry 0 or 1.")
+        return labels.float()
+
+    def token_mask(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, C) bool: class tokens to zero. Absent classes only, each with probability `token_mask_rate`."""
+        draw = torch.rand(labels.shape, device=labels.device) < self.config.token_mask_rate
+        return draw & (labels == 0)
+
+    def classify(
+        self, class_states: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Logits from the class-token outputs; in training, absent classes' tokens are masked first."""
+        batch = class_states.shape[0]
+        if labels is not None:
+            labels = self.check_labels(labels, batch)
+        if self.training and labels is not None and self.config.token_mask_rate > 0:
+            class_states = class_states * (~self.token_mask(labels)).unsqueeze(-1).to(class_states.dtype)
+        logits = self.classifier(class_states.flatten(1))
+        loss = l0 = None
+        if labels is not None:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+            l0 = self.clsmask.l0_norm()
+            if l0 is not None:
+                loss = loss + self.config.l0_penalty * l0
+        return logits, loss, l0
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_class_maps: bool = False,
+        attention_map_layers: int | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ClsMaskClassifierOutput | tuple:
+        """
+        labels: (B, num_labels) multi-hot image labels. They give the loss and, in training, which tokens may be
+            masked.
+        output_class_maps: also return (B, C, h, w) class maps (and the per-layer class attention rows).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.clsmask(
+            pixel_values,
+            output_class_attentions=output_class_maps,
+            attention_map_layers=attention_map_layers,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            class_tokens_only=not (output_attentions or output_hidden_states),
+        )
+        class_states = outputs.last_hidden_state[:, : self.config.num_labels]
+        logits, loss, l0 = self.classify(class_states, labels)
+        class_maps = None
+        if output_class_maps:
+            layers = self.clsmask.class_attention_layers(attention_map_layers)
+            grid = patch_grid(pixel_values, self.config.patch_size)
+            class_maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
+        output = ClsMaskClassifierOutput(
+            loss=loss,
+            logits=logits,
+            class_maps=class_maps,
+            class_attentions=outputs.class_attentions,
+            l0_loss=l0,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
+    """Same weights as the classifier; returns segmentation logits built from class maps and class probabilities.
+
+    This is what `AutoModelForSemanticSegmentation` and the image-segmentation pipeline load.
+    """
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        image_labels: torch.Tensor | None = None,
+        attention_map_layers: int | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ClsMaskSemanticSegmenterOutput | tuple:
+        """
+        labels: (B, num_labels) multi-hot image labels for the classification loss.
+        image_labels: (B, num_labels) multi-hot; when given, the masks use these classes instead of the predicted
+            ones (the usual WSSS protocol for pseudo-labelling a labelled training set).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = super().forward(
+            pixel_values,
+            labels=labels,
+            output_class_maps=True,
+            attention_map_layers=attention_map_layers,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        probs = outputs.logits.float().sigmoid()
+        if image_labels is not None:
+            present = self.check_labels(image_labels, probs.shape[0]).bool()
+        else:
+            present = probs >= self.config.class_threshold
+        logits = self.segmentation_logits(outputs.class_maps, probs, present)
+        output = ClsMaskSemanticSegmenterOutput(
+            loss=outputs.loss,
+            logits=logits,
+            class_logits=outputs.logits,
+            class_probs=probs,
+            class_maps=outputs.class_maps,
+            present=present,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def segmentation_logits(
+        self, class_maps: torch.Tensor, probs: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, num_labels, h, w): normalised map of present classes, -1 elsewhere, background = its threshold."""
+        present = present.clone()
+        threshold = self.config.background_threshold
+        if threshold is None:
+            none = ~present.any(dim=1)
+            present[none, probs[none].argmax(dim=1)] = True
+        else:
+            present[:, self.config.background_label_id] = False
+        logits = torch.where(
+            present[..., None, None], normalize_maps(class_maps.float()), torch.full_like(class_maps, -1.0)
+        )
+        if threshold is not None:
+            logits[:, self.config.background_label_id] = threshold
+        return logits
+
+    def pseudo_masks(self, outputs: ClsMaskSemanticSegmenterOutput, output_size: tuple[int, int]) -> torch.Tensor:
+        """(B, H, W) pseudo-masks from this model's outputs (see `pseudo_masks.masks_from_class_maps`)."""
+        return masks_from_class_maps(
+            outputs.class_maps,
+            outputs.class_probs,
+            outputs.present,
+            output_size,
+            background_threshold=self.config.background_threshold,
+            background_label_id=self.config.background_label_id,
+        )
+
+
+__all__ = [
+    "ClsMaskPreTrainedModel",
+    "ClsMaskModel",
+    "ClsMaskForMultiLabelClassification",
+    "ClsMaskForSemanticSegmentation",
+]
+
+# `save_pretrained` copies this file (and its relative imports) and writes `auto_map`, for `trust_remote_code=True`.
+ClsMaskModel.register_for_auto_class("AutoModel")
+ClsMaskForMultiLabelClassification.register_for_auto_class("AutoModelForImageClassification")
+ClsMaskForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")

@@ -1,0 +1,143 @@
+"""Pseudo-masks from class-token attention maps, as batched torch code.
+
+Steps (paper, Sec. 3): upsample each class map bilinearly to the image, keep the pixels at or above that map's
+mean, paint classes in ascending order of score (the most confident class wins where maps overlap), and give
+every pixel no class claimed the class of the nearest claimed pixel (exact Euclidean distance). Optionally,
+pixels whose best normalised class score is below `background_threshold` become background.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# Elements of the (rows, width, width) distance block computed at once by the nearest fill (about 64 MB).
+_FILL_BLOCK_ELEMENTS = 1 << 24
+
+
+def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Min-max normalise each (..., H, W) map to [0, 1] so maps of different classes are comparable."""
+    flat = maps.flatten(-2)
+    low = flat.amin(-1, keepdim=True)
+    high = flat.amax(-1, keepdim=True)
+    return ((flat - low) / (high - low).clamp_min(eps)).view_as(maps)
+
+
+def nearest_fill(labels: torch.Tensor, assigned: torch.Tensor) -> torch.Tensor:
+    """Give every unassigned pixel the label of its nearest assigned pixel (exact Euclidean distance).
+
+    Separable exact distance transform: a column pass finds, for every pixel, the nearest assigned row in its
+    column; a row pass then minimises (dj)^2 + (column distance)^2 over the row, only for rows that hold an
+    unassigned pixel. Ties go to the lowest row, then the lowest column. Images without any assigned pixel are
+    returned unchanged.
+
+    Args:
+        labels: (B, H, W) integer labels, meaningful where `assigned`.
+        assigned: (B, H, W) bool.
+    """
+    if labels.shape != assigned.shape or labels.dim() != 3:
+        raise ValueError(
+            f"labels and assigned must both be (B, H, W); got {tuple(labels.shape)}, {tuple(assigned.shape)}."
+        )
+    if bool(assigned.all()):
+        return labels
+    batch, height, width = labels.shape
+    device = labels.device
+    rows = torch.arange(height, device=device).view(1, height, 1).expand(batch, height, width)
+    big = height + width + 1
+    # Column pass: nearest assigned row above (cummax) and below (reverse cummin).
+    above = torch.where(assigned, rows, torch.full_like(rows, -big)).cummax(dim=1).values
+    below = torch.where(assigned, rows, torch.full_like(rows, 2 * big)).flip(1).cummin(dim=1).values.flip(1)
+    take_above = (rows - above) <= (below - rows)
+    source_row = torch.where(take_above, above, below)
+    column_dist = (source_row - rows).abs()
+    has_source = column_dist < big
+    column_dist2 = torch.where(
+        has_source, column_dist.float() ** 2, torch.full_like(column_dist, 0).float() + float("inf")
+    )
+
+    out = labels.clone()
+    todo = (~assigned).any(dim=2) & assigned.flatten(1).any(dim=1, keepdim=True)  # (B, H) rows to fill
+    row_index = todo.flatten().nonzero().squeeze(1)
+    if row_index.numel() == 0:
+        return out
+    flat_dist2 = column_dist2.view(batch * height, width)
+    flat_source_row = source_row.view(batch * height, width)
+    flat_labels = labels.view(batch, height * width)
+    flat_out = out.view(batch * height, width)
+    flat_assigned = assigned.view(batch * height, width)
+    cols = torch.arange(width, device=device, dtype=torch.float32)
+    dj2 = (cols.view(width, 1) - cols.view(1, width)) ** 2  # (j, j')
+    chunk = max(1, _FILL_BLOCK_ELEMENTS // (width * width))
+    for start in range(0, row_index.numel(), chunk):
+        idx = row_index[start : start + chunk]
+        total = dj2.unsqueeze(0) + flat_dist2[idx].unsqueeze(1)  # (rows, j, j')
+        best_col = total.argmin(dim=2)  # (rows, j)
+        src_row = flat_source_row[idx].gather(1, best_col)
+        image = idx // height
+        filled = flat_labels[image.unsqueeze(1), src_row * width + best_col]
+        flat_out[idx] = torch.where(flat_assigned[idx], flat_out[idx], filled)
+    return out
+
+
+def masks_from_class_maps(
+    class_maps: torch.Tensor,
+    class_scores: torch.Tensor,
+    present: torch.Tensor,
+    output_size: tuple[int, int],
+    background_threshold: float | None = None,
+    background_label_id: int = 0,
+) -> torch.Tensor:
+    """Turn per-class attention maps into label maps, batched.
+
+    Args:
+        class_maps: (B, C, h, w) non-negative class-to-patch attention (any scale).
+        class_scores: (B, C) class probabilities; they order the painting (the most confident class wins).
+        present: (B, C) bool, the classes that may appear (predicted, or the given image labels).
+        output_size: (H, W) of the masks.
+        background_threshold: `None`: every pixel gets a present class. A float: pixels whose best normalised
+            score over the present classes is below it get `background_label_id`, whose own map is never painted.
+        background_label_id: the background label when `background_threshold` is set.
+
+    Returns:
+        (B, H, W) int64 label maps. Without background, an image with no present class takes its most probable
+        class everywhere; with background, it is all background.
+    """
+    if class_maps.dim() != 4:
+        raise ValueError(f"class_maps must be (B, C, h, w), got shape {tuple(class_maps.shape)}.")
+    batch, num_classes = class_maps.shape[:2]
+    if class_scores.shape != (batch, num_classes) or present.shape != (batch, num_classes):
+        raise ValueError(
+            f"class_scores and present must be (B, C) = {(batch, num_classes)}, got "
+            f"{tuple(class_scores.shape)} and {tuple(present.shape)}."
+        )
+    present = present.bool().clone()
+    use_background = background_threshold is not None
+    if use_background:
+        present[:, background_label_id] = False
+    else:
+        # Every pixel needs a class: an image with no present class keeps its most probable one.
+        none = ~present.any(dim=1)
+        if none.any():
+            present[none, class_scores[none].argmax(dim=1)] = True
+
+    maps = F.interpolate(class_maps.float(), size=tuple(output_size), mode="bilinear", align_corners=False)
+    maps = normalize_maps(maps)
+    above = (maps >= maps.flatten(2).mean(-1)[..., None, None]) & present[..., None, None]
+    # Painting in ascending score order == every pixel takes the highest-scoring class that claims it.
+    claim = torch.where(above, class_scores.float()[..., None, None], torch.full_like(maps, -float("inf")))
+    labels = claim.argmax(dim=1)
+    assigned = above.any(dim=1)
+    labels = nearest_fill(labels, assigned)
+    if use_background:
+        best = torch.where(present[..., None, None], maps, torch.zeros_like(maps)).amax(dim=1)
+        labels = torch.where(
+            (best < background_threshold) | ~present.any(dim=1)[:, None, None],
+            torch.full_like(labels, background_label_id),
+            labels,
+        )
+    return labels
+
+
+__all__ = ["masks_from_class_maps", "nearest_fill", "normalize_maps"]

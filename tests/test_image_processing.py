@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor
+
+
+def test_rgb_preprocess_and_post_process_sizes():
+    config = tiny_config()
+    processor = ClsMaskImageProcessor.from_model_config(config)
+    images = [Image.fromarray(np.random.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(20, 50), (33, 17)]]
+    inputs = processor(images, return_tensors="pt")
+    assert inputs.pixel_values.shape == (2, 3, 32, 32)
+    assert inputs.pixel_values.min() >= -1.0 and inputs.pixel_values.max() <= 1.0
+    model = ClsMaskForSemanticSegmentation(config).eval()
+    masks = processor.post_process_semantic_segmentation(model(**inputs), target_sizes=[(20, 50), (33, 17)])
+    assert [tuple(m.shape) for m in masks] == [(20, 50), (33, 17)]
+    assert all(m.dtype == torch.long for m in masks)
+
+
+def test_multiband_arrays():
+    config = tiny_config(num_channels=13)
+    processor = ClsMaskImageProcessor.from_model_config(config)
+    bands = np.random.rand(40, 40, 13).astype(np.float32)
+    inputs = processor(bands, return_tensors="pt")
+    assert inputs.pixel_values.shape == (1, 13, 32, 32)
+    np.testing.assert_allclose(inputs.pixel_values.mean().item(), bands.mean(), atol=0.02)
+
+
+def test_background_settings_follow_config():
+    config = tiny_config(background_threshold=0.4)
+    processor = ClsMaskImageProcessor.from_model_config(config)
+    assert processor.background_threshold == 0.4
+    model = ClsMaskForSemanticSegmentation(config).eval()
+    out = model(torch.randn(1, 3, 32, 32), image_labels=torch.tensor([[0, 1, 0]]))
+    mask = processor.post_process_semantic_segmentation(out)[0]
+    assert set(mask.unique().tolist()) <= {0, 1}
+    forced = processor.post_process_semantic_segmentation(out, background_threshold=None)[0]
+    assert set(forced.unique().tolist()) == {1}
+
+
+def test_target_sizes_length_checked():
+    config = tiny_config()
+    processor = ClsMaskImageProcessor.from_model_config(config)
+    out = ClsMaskForSemanticSegmentation(config).eval()(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="2 images"):
+        processor.post_process_semantic_segmentation(out, target_sizes=[(4, 4)])

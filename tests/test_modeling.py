@@ -1,0 +1,263 @@
+"""The class-token ViT: shapes, token masking, head gates, class attention, interpolation, ViT parity, I/O."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import ViTConfig, ViTModel
+
+from modeling_clsmask import (
+    ClsMaskForMultiLabelClassification,
+    ClsMaskForSemanticSegmentation,
+    ClsMaskModel,
+)
+
+
+def test_shapes_sequence_order(config):
+    model = ClsMaskModel(config).eval()
+    out = model(torch.randn(2, 3, 32, 32), output_class_attentions=True)
+    # 3 class tokens + 16 patches + 1 register token.
+    assert out.last_hidden_state.shape == (2, 3 + 16 + 1, 32)
+    assert len(out.class_attentions) == config.attention_map_layers == 1
+    assert out.class_attentions[0].shape == (2, 4, 3, 20)
+    torch.testing.assert_close(out.class_attentions[0].sum(-1), torch.ones(2, 4, 3))
+
+    clf = ClsMaskForMultiLabelClassification(tiny_config(num_register_tokens=0, attention_map_layers=2)).eval()
+    out = clf(torch.randn(2, 3, 32, 48), output_class_maps=True)
+    assert out.logits.shape == (2, 3)
+    assert out.class_maps.shape == (2, 3, 4, 6)
+    assert len(out.class_attentions) == 2
+
+
+def test_token_mask_semantics(config):
+    model = ClsMaskForMultiLabelClassification(tiny_config(token_mask_rate=0.5))
+    labels = torch.tensor([[1, 0, 0], [0, 1, 1]]).repeat(2000, 1)
+    mask = model.token_mask(labels)
+    assert not mask[labels == 1].any(), "present classes must never be masked"
+    rate = mask[labels == 0].float().mean().item()
+    assert abs(rate - 0.5) < 0.03
+    # Per sample and class independently: the two absent slots of row 0 are not always masked together.
+    together = (mask[::2, 1] == mask[::2, 2]).float().mean().item()
+    assert 0.4 < together < 0.6
+
+
+def test_masking_changes_training_outputs_only_for_absent_classes():
+    config = tiny_config(token_mask_rate=1.0)
+    model = ClsMaskForMultiLabelClassification(config)
+    pixels = torch.randn(1, 3, 32, 32)
+    labels = torch.tensor([[1, 0, 0]])
+    states = model.clsmask(pixels).last_hidden_state[:, :3]
+    model.train()
+    seen = {}
+    model.classifier.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    model(pixels, labels=labels)
+    flat = seen["x"].view(1, 3, -1)
+    torch.testing.assert_close(flat[:, 0], states[:, 0])
+    assert flat[:, 1:].abs().sum() == 0
+    # Eval never masks.
+    model.eval()
+    seen.clear()
+    model(pixels, labels=labels)
+    torch.testing.assert_close(seen["x"].view(1, 3, -1), states)
+
+
+def test_gates_eval_deterministic_and_penalty_falls():
+    model = ClsMaskForMultiLabelClassification(tiny_config(use_head_gates=True)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(pixels).logits, model(pixels).logits)
+    base = model.clsmask
+    before = base.l0_norm().item()
+    assert before == pytest.approx(8, abs=0.5)  # 2 layers x 4 heads, all open at init
+    gate = base.layers[0].attention.head_gate
+    with torch.no_grad():
+        gate.log_alpha[:2] = -10.0
+    assert base.l0_norm().item() < before - 1.9
+    values = base.gate_values()
+    assert values.shape == (2, 4)
+    assert (values[0, :2] == 0).all() and (values[0, 2:] == 1).all()
+    # A closed head is excluded from the class maps.
+    weights = base.layers[0].attention.head_weights()
+    torch.testing.assert_close(weights, torch.tensor([0.0, 0.0, 0.5, 0.5]))
+    # Training draws stochastic hard gates in {0, 1} with gradient reaching log_alpha.
+    gate.train()
+    draws = torch.stack([gate() for _ in range(50)])
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    model.train()
+    loss = model(pixels, labels=torch.tensor([[1, 0, 0], [0, 1, 0]])).loss
+    loss.backward()
+    assert gate.log_alpha.grad is not None and gate.log_alpha.grad.abs().sum() > 0
+
+
+def test_l0_penalty_in_loss():
+    model = ClsMaskForMultiLabelClassification(tiny_config(use_head_gates=True, l0_penalty=0.5)).eval()
+    out = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([[1, 0, 0], [0, 1, 0]]))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, torch.tensor([[1.0, 0, 0], [0, 1, 0]]))
+    torch.testing.assert_close(out.loss, bce + 0.5 * out.l0_loss)
+
+
+@pytest.mark.parametrize("gates", [False, True])
+def test_sdpa_and_eager_agree(gates):
+    sdpa = ClsMaskForMultiLabelClassification(tiny_config(use_head_gates=gates))
+    if gates:
+        with torch.no_grad():
+            sdpa.clsmask.layers[1].attention.head_gate.log_alpha[1] = -10.0
+    eager = ClsMaskForMultiLabelClassification(tiny_config(use_head_gates=gates))
+    eager.load_state_dict(sdpa.state_dict())
+    sdpa.set_attn_implementation("sdpa")
+    eager.set_attn_implementation("eager")
+    pixels = torch.randn(2, 3, 32, 32)
+    a = sdpa.eval()(pixels, output_class_maps=True)
+    b = eager.eval()(pixels, output_class_maps=True)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.class_maps, b.class_maps, atol=1e-5, rtol=1e-5)
+
+
+def test_class_attention_rows_equal_eager_slice():
+    config = tiny_config(attention_map_layers=2)
+    model = ClsMaskModel(config).eval()
+    model.set_attn_implementation("eager")
+    out = model(torch.randn(2, 3, 32, 40), output_class_attentions=True, output_attentions=True)
+    assert len(out.attentions) == 2
+    for full, rows in zip(out.attentions, out.class_attentions):
+        assert full.shape[-1] == full.shape[-2] == 3 + 20 + 1
+        torch.testing.assert_close(rows, full[:, :, :3], atol=1e-6, rtol=1e-5)
+
+
+def test_non_square_interpolation(config):
+    model = ClsMaskModel(config).eval()
+    embeddings = model.embeddings
+    same = embeddings.interpolate_pos_encoding(4, 4)
+    assert same is embeddings.position_embeddings
+    wide = embeddings.interpolate_pos_encoding(3, 7)
+    assert wide.shape == (1, 21, 32)
+    # Bicubic interpolation of a constant grid is that constant.
+    with torch.no_grad():
+        embeddings.position_embeddings.fill_(0.25)
+    torch.testing.assert_close(embeddings.interpolate_pos_encoding(3, 7), torch.full((1, 21, 32), 0.25))
+    out = model(torch.randn(1, 3, 24, 56))
+    assert out.last_hidden_state.shape == (1, 3 + 21 + 1, 32)
+
+
+def test_vit_parity(tmp_path):
+    vit_config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+    )
+    vit = ViTModel(vit_config, add_pooling_layer=False).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    model = ClsMaskForMultiLabelClassification.from_vit_pretrained(
+        str(tmp_path / "vit"), id2label={0: "only"}, num_register_tokens=0, token_mask_rate=0.0
+    ).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = vit(pixels).last_hidden_state
+    got = model.clsmask(pixels).last_hidden_state
+    torch.testing.assert_close(got[:, 1:], expected[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:, :1], expected[:, :1], atol=1e-5, rtol=1e-5)
+
+
+def test_vit_init_with_more_tokens_and_new_grid(tmp_path):
+    vit = ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
+        add_pooling_layer=False,
+    )
+    vit.save_pretrained(tmp_path / "vit")
+    model = ClsMaskForMultiLabelClassification.from_vit_pretrained(
+        str(tmp_path / "vit"), id2label={0: "a", 1: "b"}, image_size=48, use_head_gates=True
+    )
+    emb = model.clsmask.embeddings
+    assert emb.position_embeddings.shape == (1, 36, 32)
+    cls_pos = vit.embeddings.position_embeddings[:, :1]
+    torch.testing.assert_close(emb.class_position_embeddings, cls_pos.expand(1, 2, 32))
+    torch.testing.assert_close(emb.register_position_embeddings, cls_pos)
+    torch.testing.assert_close(model.clsmask.layers[0].attention.q_proj.weight, vit.layers[0].attention.q_proj.weight)
+    assert model.config.use_head_gates and model.config.num_labels == 2
+
+
+def test_save_load_round_trip(tmp_path, config):
+    model = ClsMaskForSemanticSegmentation(tiny_config(use_head_gates=True)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = ClsMaskForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    a, b = model(pixels), loaded(pixels)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.class_logits, b.class_logits)
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_segmentation_logits_and_image_labels():
+    model = ClsMaskForSemanticSegmentation(tiny_config()).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    out = model(pixels, image_labels=torch.tensor([[0, 1, 0], [1, 0, 1]]))
+    assert out.logits.shape == (2, 3, 4, 4)
+    assert out.present.tolist() == [[False, True, False], [True, False, True]]
+    assert (out.logits[0, [0, 2]] == -1).all()
+    masks = model.pseudo_masks(out, (32, 32))
+    assert masks.shape == (2, 32, 32)
+    assert set(masks[0].unique().tolist()) == {1}
+    assert set(masks[1].unique().tolist()) <= {0, 2}
+
+
+def test_background_channel():
+    model = ClsMaskForSemanticSegmentation(tiny_config(background_threshold=0.3)).eval()
+    out = model(torch.randn(1, 3, 32, 32), image_labels=torch.tensor([[1, 1, 0]]))
+    assert (out.logits[0, 0] == 0.3).all()
+    assert set(model.pseudo_masks(out, (32, 32)).unique().tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda: torch.randn(1, 4, 32, 32), "4 channels but the model expects num_channels=3"),
+        (lambda: torch.randn(1, 3, 30, 32), "not divisible by the patch size 8"),
+        (lambda: torch.randn(3, 32, 32), "4-D tensor"),
+    ],
+)
+def test_bad_pixel_values(config, make_input, message):
+    model = ClsMaskForMultiLabelClassification(config)
+    with pytest.raises(ValueError, match=message):
+        model(make_input())
+
+
+def test_bad_labels(config):
+    model = ClsMaskForMultiLabelClassification(config)
+    with pytest.raises(ValueError, match=r"shape \(batch, num_labels\) = \(2, 3\)"):
+        model(torch.randn(2, 3, 32, 32), labels=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="multi-hot"):
+        model(torch.randn(2, 3, 32, 32), labels=torch.tensor([[2, 0, 0], [0, 1, 0]]))
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        tiny_config(image_size=30)
+    with pytest.raises(ValueError, match="attention_map_layers"):
+        tiny_config(attention_map_layers=5)
+
+
+def test_multiband_input():
+    model = ClsMaskForMultiLabelClassification(tiny_config(num_channels=13)).eval()
+    assert model(torch.randn(1, 13, 32, 32)).logits.shape == (1, 3)
+
+
+def test_gradient_checkpointing(config):
+    model = ClsMaskForMultiLabelClassification(config).train()
+    model.activation_checkpointing_enable()
+    loss = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([[1, 0, 0], [0, 1, 0]])).loss
+    loss.backward()
+    assert model.clsmask.layers[0].attention.q_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("gates", [False, True])
+def test_class_tokens_only_last_block_matches_full(gates):
+    model = ClsMaskModel(tiny_config(use_head_gates=gates, attention_map_layers=2)).eval()
+    pixels = torch.randn(2, 3, 32, 40)
+    full = model(pixels, output_class_attentions=True)
+    short = model(pixels, output_class_attentions=True, class_tokens_only=True)
+    assert short.last_hidden_state.shape == (2, 3, 32)
+    torch.testing.assert_close(short.last_hidden_state, full.last_hidden_state[:, :3], atol=1e-6, rtol=1e-5)
+    for a, b in zip(short.class_attentions, full.class_attentions):
+        torch.testing.assert_close(a, b)
