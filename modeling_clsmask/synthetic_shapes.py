@@ -16,6 +16,9 @@ import numpy as np
 CLASS_NAMES = ["background", "disk", "square", "triangle", "cross", "ring"]
 DEFAULT_SPLITS = {"train": 4000, "validation": 300, "test": 300}
 DEFAULT_IMAGE_SIZE = 64
+# Rotation range per shape (radians): small, so that each class keeps a local signature a patch can see
+# (axis-aligned edges for square and cross, slanted edges for the triangle, curved edges for disk and ring).
+MAX_ROTATION = {"disk": 0.0, "square": 0.2, "triangle": 0.2, "cross": 0.2, "ring": 0.0}
 
 
 def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
@@ -47,19 +50,30 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
 
 def _texture(rng: np.random.Generator, size: int, base: np.ndarray, strength: float) -> np.ndarray:
     """A colour with smooth low-frequency noise, (size, size, 3) float in [0, 1]."""
-    coarse = rng.normal(0, strength, (size // 8 + 1, size // 8 + 1, 3))
-    noise = np.kron(coarse, np.ones((8, 8, 1)))[:size, :size]
+    coarse = rng.normal(0, strength, (size // 8 + 2, size // 8 + 2, 3))
+    offset = rng.integers(0, 8, 2)
+    noise = np.kron(coarse, np.ones((8, 8, 1)))[offset[0] : offset[0] + size, offset[1] : offset[1] + size]
     fine = rng.normal(0, strength / 2, (size, size, 3))
     return np.clip(base[None, None, :] + noise + fine, 0, 1)
 
 
-def render_example(seed: int, size: int = DEFAULT_IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """One (image uint8 HxWx3, mask uint8 HxW, sorted label ids) example, fully determined by `seed`."""
+def render_example(
+    seed: int,
+    size: int = DEFAULT_IMAGE_SIZE,
+    clutter: tuple[int, int] = (2, 6),
+    radius: tuple[float, float] = (0.14, 0.24),
+    max_objects: int = 3,
+    noise: float = 0.06,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """One (image uint8 HxWx3, mask uint8 HxW, sorted label ids) example, fully determined by `seed`.
+
+    `clutter`: range of the number of background strokes; `radius`: object radius as a fraction of the image size.
+    """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    image = _texture(rng, size, rng.uniform(0.15, 0.85, 3), 0.06)
+    image = _texture(rng, size, rng.uniform(0.15, 0.85, 3), noise)
     # Clutter: thin random line segments in random colours.
-    for _ in range(rng.integers(2, 6)):
+    for _ in range(rng.integers(*clutter) if clutter[1] > clutter[0] else clutter[0]):
         y0, x0, y1, x1 = rng.uniform(0, size, 4)
         length = max(np.hypot(y1 - y0, x1 - x0), 1e-3)
         dist = np.abs((x1 - x0) * (y0 - yy) - (x0 - xx) * (y1 - y0)) / length
@@ -67,17 +81,18 @@ def render_example(seed: int, size: int = DEFAULT_IMAGE_SIZE) -> tuple[np.ndarra
         stroke = (dist <= rng.uniform(0.5, 1.2)) & (t >= 0) & (t <= 1)
         image[stroke] = rng.uniform(0, 1, 3)
     mask = np.zeros((size, size), dtype=np.uint8)
-    num_objects = int(rng.integers(1, 4))
+    num_objects = int(rng.integers(1, max_objects + 1))
     kinds = rng.choice(np.arange(1, len(CLASS_NAMES)), size=num_objects, replace=True)
     for kind in kinds:
-        r = rng.uniform(0.14, 0.24) * size
+        r = rng.uniform(*radius) * size
         cy, cx = rng.uniform(r, size - r, 2)
-        shape = _shape_mask(CLASS_NAMES[kind], yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
+        name = CLASS_NAMES[kind]
+        shape = _shape_mask(name, yy, xx, cy, cx, r, rng.uniform(-MAX_ROTATION[name], MAX_ROTATION[name]))
         colour = rng.uniform(0, 1, 3)
         # Keep the object visible against the local background.
         while np.abs(colour - image[shape].mean(0)).sum() < 0.6:
             colour = rng.uniform(0, 1, 3)
-        image[shape] = _texture(rng, size, colour, 0.05)[shape]
+        image[shape] = _texture(rng, size, colour, noise)[shape]
         mask[shape] = kind
     labels = sorted(int(k) for k in np.unique(mask) if k != 0)  # a fully occluded object is not a label
     return (image * 255).round().astype(np.uint8), mask, labels

@@ -1,0 +1,440 @@
+"""Datasets for training and evaluation: the built-in shapes, anything `load_dataset` reads, and VOC-style trees.
+
+Every source is normalised to a `datasets.DatasetDict` whose examples give an image (PIL image or array with any band
+count), image-level labels (list of ids) and, where available, a mask (class index per pixel, 255 = ignore). This
+module uses `datasets`; it is not part of the remote-code files copied into checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+IMAGE_COLUMNS = ("image", "img", "pixel_values", "bands")
+LABEL_COLUMNS = ("labels", "label", "multi_label", "classes")
+MASK_COLUMNS = ("mask", "annotation", "segmentation", "semantic_mask", "label_mask")
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+
+
+@dataclass
+class DataSpec:
+    """What the training scripts need to know about a loaded dataset."""
+
+    dataset: object  # datasets.DatasetDict
+    class_names: list[str]
+    image_column: str
+    labels_column: str | None
+    mask_column: str | None
+    labels_format: str  # "ids", "multihot", "single" or "mask"
+    background_label_id: int | None
+    source: str
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.mask_column is not None
+
+
+def load_voc(voc_root: str, splits: tuple[str, ...] = ("train", "val")):
+    """A PASCAL VOC style tree (JPEGImages, SegmentationClass[Aug], ImageSets/Segmentation/{split}.txt)."""
+    import datasets
+
+    mask_dir = next(
+        (
+            os.path.join(voc_root, d)
+            for d in ("SegmentationClassAug", "SegmentationClass")
+            if os.path.isdir(os.path.join(voc_root, d))
+        ),
+        None,
+    )
+    if mask_dir is None or not os.path.isdir(os.path.join(voc_root, "JPEGImages")):
+        raise FileNotFoundError(
+            f"{voc_root} is not a VOC-style tree: expected JPEGImages/ and SegmentationClass/ "
+            "(or SegmentationClassAug/)."
+        )
+    result = {}
+    for split in splits:
+        list_file = os.path.join(voc_root, "ImageSets", "Segmentation", f"{split}.txt")
+        if not os.path.exists(list_file):
+            raise FileNotFoundError(f"Missing split list {list_file}.")
+        with open(list_file) as handle:
+            names = [line.split()[0] for line in handle if line.strip()]
+        images = [os.path.join(voc_root, "JPEGImages", f"{name}.jpg") for name in names]
+        masks = [os.path.join(mask_dir, f"{name}.png") for name in names]
+        missing = [path for path in images + masks if not os.path.exists(path)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} files listed in {list_file} are missing, e.g. {missing[0]}.")
+        features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+        result["validation" if split == "val" else split] = datasets.Dataset.from_dict(
+            {"image": images, "mask": masks}, features=features
+        )
+    return datasets.DatasetDict(result)
+
+
+def load_any(dataset_name: str, dataset_config_name: str | None = None, cache_dir: str | None = None):
+    """A Hub id, a folder written by `save_to_disk`, or any folder/file `load_dataset` understands."""
+    import datasets
+
+    if os.path.isdir(dataset_name) and (
+        os.path.exists(os.path.join(dataset_name, "dataset_dict.json"))
+        or os.path.exists(os.path.join(dataset_name, "state.json"))
+    ):
+        loaded = datasets.load_from_disk(dataset_name)
+    else:
+        loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def _pick(columns: list[str], requested: str | None, candidates: tuple[str, ...], what: str, required: bool):
+    if requested:
+        if requested not in columns:
+            raise ValueError(f"--{what}_column {requested!r} is not a column of the dataset; it has {columns}.")
+        return requested
+    found = next((name for name in candidates if name in columns), None)
+    if found is None and required:
+        raise ValueError(
+            f"No usable {what} column: the dataset has columns {columns}. Pass --{what}_column with one of them."
+        )
+    return found
+
+
+def _class_names_from_features(feature) -> list[str] | None:
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.ClassLabel):
+        return list(inner.names)
+    return None
+
+
+def _labels_format(feature, sample_values: list, num_labels: int | None) -> str:
+    import datasets
+
+    if isinstance(feature, (datasets.ClassLabel, datasets.Value)) and not isinstance(sample_values[0], (list, tuple)):
+        return "single"
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.ClassLabel):
+        return "ids"
+    if isinstance(inner, datasets.Value) and inner.dtype in ("bool", "float32", "float64", "float16"):
+        return "multihot"
+    lengths = {len(v) for v in sample_values}
+    binary = all(set(np.unique(np.asarray(v))) <= {0, 1} for v in sample_values)
+    if num_labels is not None and lengths == {num_labels} and binary:
+        return "multihot"
+    return "ids"
+
+
+def resolve_dataset(
+    dataset,
+    source: str,
+    image_column: str | None = None,
+    labels_column: str | None = None,
+    mask_column: str | None = None,
+    label_names: list[str] | None = None,
+    background_label_id: int | None = None,
+) -> DataSpec:
+    """Find the image / labels / mask columns and the class names, with errors that list what the data has."""
+    split = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    columns = list(split.column_names)
+    image_column = _pick(columns, image_column, IMAGE_COLUMNS, "image", required=True)
+    mask_column = _pick(columns, mask_column, MASK_COLUMNS, "mask", required=False)
+    labels_column = _pick(columns, labels_column, LABEL_COLUMNS, "labels", required=mask_column is None)
+    class_names = label_names
+    if labels_column is not None:
+        class_names = class_names or _class_names_from_features(split.features[labels_column])
+        sample = split.select(range(min(len(split), 64)))[labels_column]
+        if class_names is None:
+            if not sample:
+                raise ValueError("The dataset is empty.")
+            fmt = _labels_format(split.features[labels_column], sample, None)
+            if fmt == "multihot":
+                num = len(sample[0])
+            else:
+                num = (
+                    int(
+                        max(
+                            max(v) if isinstance(v, (list, tuple)) and v else (v if isinstance(v, int) else 0)
+                            for v in sample
+                        )
+                    )
+                    + 1
+                )
+            class_names = [f"class_{i}" for i in range(num)]
+            logger.warning("No class names in the dataset; using %s. Pass --label_names to name them.", class_names)
+        labels_format = _labels_format(split.features[labels_column], sample, len(class_names))
+    else:
+        labels_format = "mask"
+        if class_names is None:
+            raise ValueError(
+                f"No labels column among {columns}: image labels will be derived from the {mask_column!r} column, "
+                "but class names are needed. Pass --label_names (background first if the masks have one)."
+            )
+    return DataSpec(
+        dataset=dataset,
+        class_names=list(class_names),
+        image_column=image_column,
+        labels_column=labels_column,
+        mask_column=mask_column,
+        labels_format=labels_format,
+        background_label_id=background_label_id,
+        source=source,
+    )
+
+
+def drop_undecodable(spec: DataSpec) -> DataSpec:
+    """Remove examples whose image (or mask) cannot be decoded; the count per split is kept in `spec.skipped`."""
+    import datasets
+
+    columns = [c for c in (spec.image_column, spec.mask_column) if c]
+    image_columns = [c for c in columns if isinstance(next(iter(spec.dataset.values())).features[c], datasets.Image)]
+    if not image_columns:
+        return spec
+    result = {}
+    for name, split in spec.dataset.items():
+        raw = split.cast_column(image_columns[0], datasets.Image(decode=False))
+        for column in image_columns[1:]:
+            raw = raw.cast_column(column, datasets.Image(decode=False))
+
+        def decodable(example) -> bool:
+            for column in image_columns:
+                value = example[column]
+                try:
+                    with Image.open(
+                        value["path"] if value.get("bytes") is None else __import__("io").BytesIO(value["bytes"])
+                    ) as img:
+                        img.load()
+                except Exception:  # noqa: BLE001 - any decoding failure means "skip this example"
+                    return False
+            return True
+
+        keep = [
+            i
+            for i, ok in enumerate(raw.map(lambda ex: {"_ok": decodable(ex)}, remove_columns=raw.column_names)["_ok"])
+            if ok
+        ]
+        skipped = len(split) - len(keep)
+        if skipped:
+            logger.warning(
+                "Skipping %d of %d examples of split %r whose images cannot be decoded.", skipped, len(split), name
+            )
+            spec.skipped[name] = skipped
+            split = split.select(keep)
+        result[name] = split
+    spec.dataset = datasets.DatasetDict(result)
+    return spec
+
+
+def load_data(args) -> DataSpec:
+    """The dataset named by the script arguments (built-in shapes when none is given)."""
+    if getattr(args, "voc_root", None):
+        spec = resolve_dataset(
+            load_voc(args.voc_root), f"voc:{args.voc_root}", label_names=VOC_CLASSES, background_label_id=0
+        )
+    elif getattr(args, "dataset_name", None):
+        spec = resolve_dataset(
+            load_any(args.dataset_name, getattr(args, "dataset_config_name", None), getattr(args, "cache_dir", None)),
+            args.dataset_name,
+            image_column=args.image_column,
+            labels_column=args.labels_column,
+            mask_column=args.mask_column,
+            label_names=args.label_names,
+            background_label_id=args.background_label_id,
+        )
+    else:
+        from .synthetic_shapes import build_synthetic_dataset
+
+        splits = {"train": args.train_size, "validation": args.validation_size, "test": args.validation_size}
+        spec = resolve_dataset(
+            build_synthetic_dataset(splits, image_size=args.synthetic_image_size, seed=args.data_seed),
+            "clsmask/synthetic-shapes",
+            background_label_id=0,
+        )
+    return drop_undecodable(spec)
+
+
+def image_to_array(image, num_channels: int) -> np.ndarray:
+    """(C, H, W) float32 array from a PIL image or an array (HWC or CHW), checking the band count."""
+    if isinstance(image, Image.Image):
+        if num_channels == 3 and image.mode != "RGB":
+            image = image.convert("RGB")
+        elif num_channels == 1 and image.mode != "L":
+            image = image.convert("L")
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    else:
+        array = np.asarray(image, dtype=np.float32)
+        if array.ndim == 2:
+            array = array[None]
+        elif array.ndim == 3 and array.shape[-1] < array.shape[0]:
+            array = array.transpose(2, 0, 1)  # channel-last (bands fewer than rows)
+    if array.ndim != 3 or array.shape[0] != num_channels:
+        raise ValueError(
+            f"An image has {array.shape[0] if array.ndim == 3 else 'no channel axis and'} channels (shape "
+            f"{tuple(np.shape(image)) if not isinstance(image, Image.Image) else image.mode}), but the model expects "
+            f"num_channels={num_channels}. Check the image column or set --num_channels."
+        )
+    return array
+
+
+def mask_to_array(mask) -> np.ndarray:
+    array = np.asarray(mask)
+    if array.ndim == 3:
+        array = array[..., 0]
+    return array.astype(np.int64)
+
+
+def labels_to_multihot(value, fmt: str, num_labels: int) -> np.ndarray:
+    """One example's labels as a (num_labels,) multi-hot vector, with range checks."""
+    target = np.zeros(num_labels, dtype=np.float32)
+    if fmt == "multihot":
+        vector = np.asarray(value, dtype=np.float32).reshape(-1)
+        if vector.shape[0] != num_labels:
+            raise ValueError(f"A multi-hot label vector has length {vector.shape[0]}, expected {num_labels}.")
+        return (vector > 0.5).astype(np.float32)
+    ids = [value] if fmt == "single" else list(value)
+    for label in ids:
+        if not 0 <= int(label) < num_labels:
+            raise ValueError(
+                f"Label id {int(label)} is out of range: the model has {num_labels} labels (0..{num_labels - 1})."
+            )
+        target[int(label)] = 1.0
+    return target
+
+
+def labels_from_mask(mask: np.ndarray, num_labels: int, background_label_id: int | None) -> np.ndarray:
+    """Image-level labels from a mask: the classes present, without background and ignore pixels."""
+    values = np.unique(mask)
+    values = values[values != IGNORE_INDEX]
+    if values.size and (values.min() < 0 or values.max() >= num_labels):
+        bad = values[(values < 0) | (values >= num_labels)]
+        raise ValueError(f"Mask value(s) {bad.tolist()} out of range for {num_labels} labels (255 is ignore).")
+    target = np.zeros(num_labels, dtype=np.float32)
+    target[values] = 1.0
+    if background_label_id is not None:
+        target[background_label_id] = 0.0
+    return target
+
+
+class ExampleEncoder:
+    """Turns raw examples into fixed-size tensors: resized image, multi-hot labels, resized mask (nearest)."""
+
+    def __init__(self, spec: DataSpec, num_channels: int, size: tuple[int, int], image_mean, image_std):
+        self.spec = spec
+        self.num_channels = num_channels
+        self.size = size
+        self.mean = np.asarray(image_mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(image_std, dtype=np.float32).reshape(-1, 1, 1)
+        self.num_labels = len(spec.class_names)
+
+    def __call__(self, batch: dict) -> dict:
+        spec = self.spec
+        images, labels, masks = [], [], []
+        count = len(batch[spec.image_column])
+        for i in range(count):
+            image = image_to_array(batch[spec.image_column][i], self.num_channels)
+            mask = mask_to_array(batch[spec.mask_column][i]) if spec.mask_column else None
+            if mask is not None and mask.shape != image.shape[1:]:
+                raise ValueError(
+                    f"A mask has size {mask.shape[1]}x{mask.shape[0]} but its image is "
+                    f"{image.shape[2]}x{image.shape[1]}"
+                    " (width x height); masks must match their images pixel for pixel."
+                )
+            if spec.labels_format == "mask":
+                target = labels_from_mask(mask, self.num_labels, spec.background_label_id)
+            else:
+                target = labels_to_multihot(batch[spec.labels_column][i], spec.labels_format, self.num_labels)
+                if mask is not None:
+                    present = np.unique(mask)
+                    bad = present[(present != IGNORE_INDEX) & ((present < 0) | (present >= self.num_labels))]
+                    if bad.size:
+                        raise ValueError(f"Mask value(s) {bad.tolist()} out of range for {self.num_labels} labels.")
+            tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
+            if tuple(tensor.shape[-2:]) != self.size:
+                tensor = F.interpolate(tensor, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            images.append((tensor[0] - torch.from_numpy(self.mean)) / torch.from_numpy(self.std))
+            labels.append(torch.from_numpy(target))
+            if mask is not None:
+                mask_tensor = torch.from_numpy(mask)[None, None].float()
+                if tuple(mask.shape) != self.size:
+                    mask_tensor = F.interpolate(mask_tensor, size=self.size, mode="nearest")
+                masks.append(mask_tensor[0, 0].long())
+        out = {"pixel_values": images, "labels": labels}
+        if masks:
+            out["mask"] = masks
+        return out
+
+
+def collate(examples: list[dict]) -> dict:
+    batch = {
+        "pixel_values": torch.stack([ex["pixel_values"] for ex in examples]),
+        "labels": torch.stack([ex["labels"] for ex in examples]),
+    }
+    if "mask" in examples[0]:
+        batch["mask"] = torch.stack([ex["mask"] for ex in examples])
+    return batch
+
+
+def augment_batch(
+    pixel_values: torch.Tensor,
+    masks: torch.Tensor | None,
+    flip_prob: float = 0.5,
+    crop_scale: tuple[float, float] = (1.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Batched horizontal flip + random resized crop (square aspect), one affine grid per sample, no Python loop.
+
+    The mask is warped with the same grid (nearest), so it stays aligned with the image.
+    """
+    batch = pixel_values.shape[0]
+    device = pixel_values.device
+    rand = torch.rand(batch, 4, device=device, generator=generator)
+    scale = (crop_scale[0] + (crop_scale[1] - crop_scale[0]) * rand[:, 0]).sqrt()  # side fraction
+    shift_x = (1 - scale) * (2 * rand[:, 1] - 1)
+    shift_y = (1 - scale) * (2 * rand[:, 2] - 1)
+    flip = torch.where(rand[:, 3] < flip_prob, -1.0, 1.0)
+    theta = torch.zeros(batch, 2, 3, device=device)
+    theta[:, 0, 0] = scale * flip
+    theta[:, 0, 2] = shift_x
+    theta[:, 1, 1] = scale
+    theta[:, 1, 2] = shift_y
+    grid = F.affine_grid(theta, list(pixel_values.shape), align_corners=False)
+    pixel_values = F.grid_sample(
+        pixel_values, grid.to(pixel_values.dtype), mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+    if masks is not None:
+        warped = F.grid_sample(
+            masks[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=False
+        )
+        masks = warped[:, 0].round().long()
+    return pixel_values, masks
+
+
+def write_dataset_card(path: str, spec: DataSpec) -> None:
+    """A short JSON description of the data a model was trained on (kept beside the checkpoint)."""
+    info = {
+        "source": spec.source,
+        "class_names": spec.class_names,
+        "splits": {name: len(split) for name, split in spec.dataset.items()},
+        "skipped_undecodable": spec.skipped,
+        "has_masks": spec.has_masks,
+    }
+    with open(path, "w") as handle:
+        json.dump(info, handle, indent=2)

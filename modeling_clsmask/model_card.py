@@ -1,0 +1,82 @@
+"""Model cards for trained checkpoints, filled from the templates in `model_cards/` with huggingface_hub."""
+
+from __future__ import annotations
+
+import os
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
+REPO_URL = "https://github.com/clsmask/clsmask"
+PAPER = "arXiv:2507.06848"
+CARD_HYPERPARAMETERS = (
+    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+    "max_train_steps", "optimizer", "weight_decay", "lr_scheduler_type", "warmup_ratio", "seed", "init_from",
+)  # fmt: skip
+CONFIG_FIELDS = (
+    "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_register_tokens", "token_mask_rate", "use_head_gates", "l0_penalty", "attention_map_layers",
+    "background_threshold",
+)  # fmt: skip
+
+
+def eval_results(metrics: dict, dataset_name: str, dataset_type: str) -> list[EvalResult]:
+    """model-index entries for the measured numbers (only those present in `metrics`)."""
+    wanted = {
+        "pseudo_mask_mean_iou": ("image-segmentation", "mean_iou", "Pseudo-mask mIoU (image labels)"),
+        "prediction_mask_mean_iou": ("image-segmentation", "mean_iou", "Pseudo-mask mIoU (predicted classes)"),
+        "mean_iou": ("image-segmentation", "mean_iou", "Segmentation mIoU"),
+        "mAP": ("image-classification", "mAP", "Multi-label mAP"),
+    }
+    results = []
+    for key, (task, metric, name) in wanted.items():
+        value = metrics.get(key)
+        if isinstance(value, float) and value == value:
+            results.append(
+                EvalResult(
+                    task_type=task,
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_split="validation",
+                    metric_type=metric,
+                    metric_name=name,
+                    metric_value=round(value, 4),
+                )
+            )
+    return results
+
+
+def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, stage: str = "pretrain") -> ModelCard:
+    """Render `model_cards/{stage}.md` into `output_dir/README.md` and return the card."""
+    model_name = args.get("hub_model_id") or os.path.basename(os.path.normpath(output_dir))
+    dataset_type = spec.source.replace("voc:", "") if not os.path.exists(spec.source) else "local"
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        license="apache-2.0",
+        tags=["clsmask", "weakly-supervised-semantic-segmentation", "vision-transformer", "custom_code", stage],
+        datasets=[dataset_type] if "/" in dataset_type else None,
+        base_model=args.get("init_from") if args.get("init_from") and not os.path.exists(args["init_from"]) else None,
+        metrics=["mean_iou", "mAP"],
+        eval_results=eval_results(metrics, spec.source, dataset_type) or None,
+    )
+    rows = [(k, args.get(k)) for k in CARD_HYPERPARAMETERS if args.get(k) is not None]
+    rows += [(k, getattr(config, k)) for k in CONFIG_FIELDS if hasattr(config, k)]
+    results = [(k, f"{v:.4f}") for k, v in metrics.items() if isinstance(v, float) and "per_class" not in k]
+    splits = ", ".join(f"{name}: {len(split)}" for name, split in spec.dataset.items())
+    card = ModelCard.from_template(
+        card_data,
+        template_path=os.path.join(TEMPLATES, f"{stage}.md"),
+        model_name=model_name,
+        model_id=args.get("hub_model_id") or output_dir,
+        repo_url=REPO_URL,
+        data_description=f"`{spec.source}` ({splits}).",
+        num_labels=len(spec.class_names),
+        class_names=", ".join(spec.class_names),
+        hyperparameter_rows="\n".join(f"| {k} | {v} |" for k, v in rows),
+        result_rows="\n".join(f"| {k} | {v} |" for k, v in results) or "| (no evaluation) | |",
+    )
+    card.save(os.path.join(output_dir, "README.md"))
+    return card

@@ -1,0 +1,94 @@
+"""Pictures people look at: pseudo-mask overlays and panels of per-class attention maps, as PIL images / PNG files.
+
+Only NumPy and Pillow (and torch tensors as input), so scripts and users can call it anywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(num_classes + 1, 3) uint8 colours: the PASCAL VOC bit-shuffle palette (class 0 black); last row for ignore."""
+    colours = np.zeros((max(num_classes, 1) + 1, 3), dtype=np.uint8)
+    for label in range(num_classes):
+        c, r, g, b = label, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours[label] = (r, g, b)
+    colours[-1] = (255, 255, 255)
+    return colours
+
+
+def colourise(mask: np.ndarray, num_classes: int) -> Image.Image:
+    """An (H, W) label map as an RGB image; 255 (ignore) is white."""
+    colours = palette(num_classes)
+    index = np.where(mask == 255, len(colours) - 1, np.clip(mask, 0, num_classes - 1))
+    return Image.fromarray(colours[index])
+
+
+def heatmap(values: np.ndarray) -> Image.Image:
+    """A 2-D map normalised to [0, 1] as a blue-to-yellow RGB image."""
+    v = values.astype(np.float32)
+    v = (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
+    rgb = np.stack([v, v**0.5 * 0.9, 1 - v], axis=-1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def overlay(image: Image.Image, mask: np.ndarray, num_classes: int, alpha: float = 0.5) -> Image.Image:
+    """The label map blended over the image (background 0 left unpainted when `num_classes` includes it)."""
+    image = image.convert("RGB")
+    colour = colourise(mask, num_classes).resize(image.size, Image.NEAREST)
+    blended = Image.blend(image, colour, alpha)
+    keep = Image.fromarray(((mask == 0) * 255).astype(np.uint8)).resize(image.size, Image.NEAREST)
+    return Image.composite(image, blended, keep)
+
+
+def _tile(image: Image.Image, title: str, size: int) -> Image.Image:
+    tile = Image.new("RGB", (size, size + 14), "white")
+    tile.paste(image.convert("RGB").resize((size, size), Image.NEAREST), (0, 14))
+    ImageDraw.Draw(tile).text((2, 1), title[:24], fill="black")
+    return tile
+
+
+def attention_panel(
+    image: Image.Image,
+    class_maps: torch.Tensor | np.ndarray,
+    class_names: list[str],
+    classes: list[int],
+    pseudo_mask: np.ndarray | None = None,
+    ground_truth: np.ndarray | None = None,
+    tile_size: int = 128,
+) -> Image.Image:
+    """One row: image, the attention map of each class in `classes`, pseudo-mask, ground truth (if given)."""
+    maps = class_maps.detach().float().cpu().numpy() if isinstance(class_maps, torch.Tensor) else class_maps
+    tiles = [_tile(image, "image", tile_size)]
+    tiles += [_tile(heatmap(maps[c]), class_names[c], tile_size) for c in classes]
+    if pseudo_mask is not None:
+        tiles.append(_tile(colourise(pseudo_mask, len(class_names)), "pseudo-mask", tile_size))
+    if ground_truth is not None:
+        tiles.append(_tile(colourise(ground_truth, len(class_names)), "ground truth", tile_size))
+    panel = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
+    x = 0
+    for tile in tiles:
+        panel.paste(tile, (x, 0))
+        x += tile.width
+    return panel
+
+
+def stack_rows(rows: list[Image.Image]) -> Image.Image:
+    width = max(r.width for r in rows)
+    out = Image.new("RGB", (width, sum(r.height for r in rows)), "white")
+    y = 0
+    for row in rows:
+        out.paste(row, (0, y))
+        y += row.height
+    return out
+
+
+__all__ = ["attention_panel", "colourise", "heatmap", "overlay", "palette", "stack_rows"]

@@ -1,0 +1,480 @@
+#!/usr/bin/env python
+"""Stage 1: train the class-token ViT on image-level labels, with Accelerate and datasets.
+
+    python run_pretrain.py                                   # built-in synthetic shapes, CPU, ~10 minutes
+    accelerate launch run_pretrain.py --dataset_name <hub id or folder> --init_from google/vit-base-patch16-224
+    accelerate launch --cpu --num_processes 2 run_pretrain.py ...   # data parallel (gloo) on CPU
+    python run_pretrain.py --voc_root VOCdevkit/VOC2012 --background_threshold 0.5
+
+Follows the layout of transformers' `*_no_trainer.py` examples: argparse, `Accelerator`, `datasets`,
+`save_state`/`load_state` checkpoints, `--with_tracking`, `--push_to_hub`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from modeling_clsmask import (
+    ClsMaskConfig,
+    ClsMaskForMultiLabelClassification,
+    ClsMaskImageProcessor,
+    masks_from_class_maps,
+)
+from modeling_clsmask.data import ExampleEncoder, augment_batch, collate, load_data, write_dataset_card
+from modeling_clsmask.metrics import (
+    class_assignment_counts,
+    classification_metrics,
+    confusion_matrices,
+    iou_from_confusion,
+)
+from modeling_clsmask.model_card import write_model_card
+from modeling_clsmask.visualization import attention_panel, stack_rows
+
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data (default: the built-in synthetic shapes dataset)")
+    data.add_argument("--dataset_name", help="Hub id, save_to_disk folder, or any folder/file load_dataset reads.")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--voc_root", help="PASCAL VOC style tree (JPEGImages, SegmentationClass[Aug], ImageSets).")
+    data.add_argument("--image_column")
+    data.add_argument("--labels_column")
+    data.add_argument("--mask_column")
+    data.add_argument("--label_names", nargs="+", help="Class names when the dataset has none.")
+    data.add_argument("--background_label_id", type=int, help="Label id of background in the masks, if any.")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--validation_split", default="validation")
+    data.add_argument("--max_train_samples", type=int)
+    data.add_argument("--max_eval_samples", type=int)
+    data.add_argument("--train_size", type=int, default=6000, help="Built-in dataset: training images.")
+    data.add_argument("--validation_size", type=int, default=300, help="Built-in dataset: validation/test images.")
+    data.add_argument("--synthetic_image_size", type=int, default=64)
+    data.add_argument("--data_seed", type=int, default=0)
+    data.add_argument("--cache_dir")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--init_from", help="A transformers ViT or DeiT checkpoint to initialise from.")
+    model.add_argument("--image_size", type=int, default=64)
+    model.add_argument("--patch_size", type=int, default=8)
+    model.add_argument("--num_channels", type=int, default=3)
+    model.add_argument("--hidden_size", type=int, default=128)
+    model.add_argument("--num_hidden_layers", type=int, default=4)
+    model.add_argument("--num_attention_heads", type=int, default=4)
+    model.add_argument("--intermediate_size", type=int, default=256)
+    model.add_argument("--num_register_tokens", type=int, default=1)
+    model.add_argument("--token_mask_rate", type=float, default=0.5)
+    model.add_argument("--use_head_gates", action="store_true")
+    model.add_argument("--l0_penalty", type=float, default=0.01)
+    model.add_argument("--attention_map_layers", type=int, default=2)
+    model.add_argument(
+        "--background_threshold",
+        type=float,
+        default=-1.0,
+        help="Background score threshold for datasets with a background class (default: 0.5 there, else none).",
+    )
+    model.add_argument("--image_mean", type=float, nargs="+")
+    model.add_argument("--image_std", type=float, nargs="+")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--per_device_train_batch_size", type=int, default=32)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    train.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
+    train.add_argument("--learning_rate", type=float, default=1e-3)
+    train.add_argument("--weight_decay", type=float, default=0.05)
+    train.add_argument("--num_train_epochs", type=int, default=10)
+    train.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--lr_scheduler_type", default="cosine")
+    train.add_argument("--warmup_ratio", type=float, default=0.05)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: accelerate's setting.")
+    train.add_argument("--flip_prob", type=float, default=0.5)
+    train.add_argument("--crop_scale_min", type=float, default=0.6, help="Random resized crop: min area fraction.")
+    train.add_argument("--seed", type=int, default=42)
+
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--output_dir", default="outputs/pretrain")
+    out.add_argument("--checkpointing_steps", help="An integer (every N steps) or 'epoch'.")
+    out.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in output_dir/checkpoints.")
+    out.add_argument("--eval_every_epochs", type=int, default=1)
+    out.add_argument("--num_visualizations", type=int, default=4)
+    out.add_argument("--with_tracking", action="store_true")
+    out.add_argument("--report_to", default="tensorboard", help="tensorboard, trackio, wandb, all, ...")
+    out.add_argument("--push_to_hub", action="store_true")
+    out.add_argument("--hub_model_id")
+    out.add_argument("--hub_token")
+    args = parser.parse_args(argv)
+    if args.voc_root and args.dataset_name:
+        parser.error("Give either --voc_root or --dataset_name, not both.")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id.")
+    return args
+
+
+def build_model(args, class_names: list[str], background_label_id: int | None):
+    id2label = dict(enumerate(class_names))
+    background = args.background_threshold
+    if background is not None and background < 0:
+        background = 0.5 if background_label_id is not None else None
+    fields = dict(
+        num_register_tokens=args.num_register_tokens,
+        token_mask_rate=args.token_mask_rate,
+        use_head_gates=args.use_head_gates,
+        l0_penalty=args.l0_penalty,
+        attention_map_layers=args.attention_map_layers,
+        background_threshold=background,
+        background_label_id=background_label_id or 0,
+    )
+    if args.init_from:
+        return ClsMaskForMultiLabelClassification.from_vit_pretrained(
+            args.init_from, id2label=id2label, image_size=args.image_size, **fields
+        )
+    config = ClsMaskConfig(
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        num_channels=args.num_channels,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads,
+        intermediate_size=args.intermediate_size,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        **fields,
+    )
+    return ClsMaskForMultiLabelClassification(config)
+
+
+def to_display_image(pixels: torch.Tensor, mean, std):
+    """Undo normalisation for a (C, H, W) tensor; first three bands (or band 0) as an RGB picture."""
+    from PIL import Image
+
+    mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    array = (pixels.float().cpu() * std + mean).clamp(0, 1)
+    array = array[:3] if array.shape[0] >= 3 else array[:1].expand(3, -1, -1)
+    return Image.fromarray((array.permute(1, 2, 0).numpy() * 255).astype("uint8"))
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator, config, class_names, processor, num_visualizations=0):
+    """Classification metrics and, where masks exist, pseudo-mask mIoU (image labels and predictions)."""
+    model.eval()
+    num_labels = len(class_names)
+    background = config.background_threshold
+    foreground = [i for i in range(num_labels) if background is None or i != config.background_label_id]
+    gathered = {"probs": [], "labels": [], "conf_gt": [], "conf_pred": [], "conf_base": [], "assign": []}
+    panels = []
+    for batch in tqdm(dataloader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
+        outputs = model(batch["pixel_values"], output_class_maps="mask" in batch)
+        probs = outputs.logits.float().sigmoid()
+        items = {"probs": probs, "labels": batch["labels"]}
+        if "mask" in batch:
+            masks = batch["mask"]
+            size = tuple(masks.shape[-2:])
+            bg = config.background_label_id
+            from_labels = masks_from_class_maps(
+                outputs.class_maps, probs, batch["labels"].bool(), size, background, bg
+            )
+            predicted = probs >= config.class_threshold
+            from_predictions = masks_from_class_maps(outputs.class_maps, probs, predicted, size, background, bg)
+            # Trivial baseline: every pixel takes the image's first (lowest-id) foreground label.
+            first = (batch["labels"][:, foreground] > 0).float().argmax(1)
+            baseline = torch.tensor(foreground, device=masks.device)[first][:, None, None].expand_as(masks)
+            items.update(
+                conf_gt=confusion_matrices(from_labels, masks, num_labels),
+                conf_pred=confusion_matrices(from_predictions, masks, num_labels),
+                conf_base=confusion_matrices(baseline, masks, num_labels),
+                assign=class_assignment_counts(outputs.class_maps, masks, batch["labels"], foreground),
+            )
+            if accelerator.is_main_process and len(panels) < num_visualizations:
+                for i in range(min(num_visualizations - len(panels), masks.shape[0])):
+                    present = batch["labels"][i].nonzero().flatten().tolist()
+                    panels.append(
+                        attention_panel(
+                            to_display_image(batch["pixel_values"][i], processor.image_mean, processor.image_std),
+                            outputs.class_maps[i],
+                            class_names,
+                            [c for c in present if c in foreground],
+                            from_labels[i].cpu().numpy(),
+                            masks[i].cpu().numpy(),
+                        )
+                    )
+        for key, value in accelerator.gather_for_metrics(items).items():
+            gathered[key].append(value.cpu())
+    model.train()
+    probs, labels = torch.cat(gathered["probs"]), torch.cat(gathered["labels"])
+    metrics = classification_metrics(probs, labels, foreground, config.class_threshold)
+    metrics["num_images"] = int(probs.shape[0])
+    if gathered["conf_gt"]:
+        for name, key in (("pseudo_mask", "conf_gt"), ("prediction_mask", "conf_pred"), ("baseline", "conf_base")):
+            result = iou_from_confusion(torch.cat(gathered[key]).sum(0))
+            metrics[f"{name}_mean_iou"] = result["mean_iou"]
+            metrics[f"{name}_per_class_iou"] = dict(zip(class_names, result["per_class_iou"]))
+        assign = torch.cat(gathered["assign"]).sum(0)
+        metrics["class_assignment_accuracy"] = float(assign[0] / assign[1].clamp_min(1))
+    return metrics, panels
+
+
+def save_checkpoint(accelerator, folder: str) -> None:
+    """save_state into a temporary folder, then rename: an interruption never leaves a half-written checkpoint."""
+    tmp = folder + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(args) -> str:
+    if args.resume_from_checkpoint != "latest":
+        return args.resume_from_checkpoint
+    root = os.path.join(args.output_dir, "checkpoints")
+    folders = [f for f in os.listdir(root) if f.split("_")[0] in ("step", "epoch") and not f.endswith(".tmp")]
+    if not folders:
+        raise FileNotFoundError(f"No checkpoint in {root}.")
+    return os.path.join(
+        root, max(folders, key=lambda f: int(f.split("_")[1]) * (1 if f.startswith("step") else 10**9))
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator_kwargs = {"gradient_accumulation_steps": args.gradient_accumulation_steps}
+    if args.with_tracking:
+        accelerator_kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
+    if args.mixed_precision:
+        accelerator_kwargs["mixed_precision"] = args.mixed_precision
+    accelerator = Accelerator(
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **accelerator_kwargs
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+
+    with accelerator.main_process_first():
+        spec = load_data(args)
+    for split in (args.train_split, args.validation_split):
+        if split not in spec.dataset:
+            raise ValueError(f"Split {split!r} not found; the dataset has {list(spec.dataset)}.")
+    model = build_model(args, spec.class_names, spec.background_label_id)
+    config = model.config
+    processor_kwargs = {}
+    if args.image_mean:
+        processor_kwargs["image_mean"] = args.image_mean
+    if args.image_std:
+        processor_kwargs["image_std"] = args.image_std
+    processor = ClsMaskImageProcessor.from_model_config(config, **processor_kwargs)
+    encoder = ExampleEncoder(
+        spec, config.num_channels, config.image_grid_size, processor.image_mean, processor.image_std
+    )
+    train_data = spec.dataset[args.train_split]
+    eval_data = spec.dataset[args.validation_split]
+    if args.max_train_samples:
+        train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
+    if args.max_eval_samples:
+        eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
+    # The loader's own generator keeps iterator creation from drawing on the global RNG, which augmentation and
+    # token masking use: so a resumed run (RNG restored by load_state) replays the same random numbers.
+    train_loader = DataLoader(
+        train_data.with_transform(encoder),
+        shuffle=True,
+        collate_fn=collate,
+        batch_size=args.per_device_train_batch_size,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    eval_loader = DataLoader(
+        eval_data.with_transform(encoder), collate_fn=collate, batch_size=args.per_device_eval_batch_size
+    )
+
+    no_decay = ("bias", "layernorm", "norm", "class_tokens", "position_embeddings", "register_tokens", "log_alpha")
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
+            "weight_decay": args.weight_decay,
+        },
+        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(groups, lr=args.learning_rate)
+
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=int(args.warmup_ratio * args.max_train_steps) * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
+    checkpointing_steps = args.checkpointing_steps
+    if checkpointing_steps is not None and checkpointing_steps.isdigit():
+        checkpointing_steps = int(checkpointing_steps)
+
+    if args.with_tracking:
+        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("clsmask_pretrain", tracked)
+
+    total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running stage-1 training *****")
+    logger.info(f"  Data = {spec.source}: {len(train_data)} train / {len(eval_data)} eval, classes {spec.class_names}")
+    if spec.skipped:
+        logger.info(f"  Skipped undecodable images: {spec.skipped}")
+    logger.info(f"  Epochs = {args.num_train_epochs}, total batch = {total_batch}, steps = {args.max_train_steps}")
+
+    completed_steps, starting_epoch, resume_step = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = find_checkpoint(args)
+        accelerator.print(f"Resumed from checkpoint: {path}")
+        accelerator.load_state(path)
+        name = os.path.basename(os.path.normpath(path))
+        if name.startswith("epoch_"):
+            starting_epoch = int(name.split("_")[1]) + 1
+            completed_steps = starting_epoch * steps_per_epoch
+        else:
+            completed_steps = int(name.split("_")[1])
+            starting_epoch = completed_steps // steps_per_epoch
+            resume_step = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+
+    unwrapped = accelerator.unwrap_model(model)
+    progress = tqdm(
+        range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process
+    )
+    metrics: dict = {}
+    panels = []
+    crop = (args.crop_scale_min, 1.0)
+    for epoch in range(starting_epoch, args.num_train_epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if epoch == starting_epoch and resume_step:
+            loader = accelerator.skip_first_batches(train_loader, resume_step)
+        running, count = 0.0, 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                pixels, _ = augment_batch(batch["pixel_values"], None, args.flip_prob, crop)
+                outputs = model(pixels, labels=batch["labels"])
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running += outputs.loss.detach().float().item()
+            count += 1
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            postfix = {"loss": f"{running / count:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
+            gates = unwrapped.clsmask.gate_values()
+            if gates is not None:
+                postfix["gates_open"] = f"{(gates > 0).float().mean().item():.2f}"
+            progress.set_postfix(postfix)
+            if args.with_tracking:
+                accelerator.log(
+                    {"train_loss": running / count, "lr": scheduler.get_last_lr()[0]}, step=completed_steps
+                )
+            if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
+                save_checkpoint(accelerator, os.path.join(args.output_dir, "checkpoints", f"step_{completed_steps}"))
+            if completed_steps >= args.max_train_steps:
+                break
+        last_epoch = completed_steps >= args.max_train_steps or epoch == args.num_train_epochs - 1
+        if (epoch + 1) % args.eval_every_epochs == 0 or last_epoch:
+            metrics, panels = evaluate(
+                model,
+                eval_loader,
+                accelerator,
+                unwrapped.config,
+                spec.class_names,
+                processor,
+                args.num_visualizations if last_epoch else 0,
+            )
+            metrics.update(epoch=epoch, step=completed_steps, train_loss=running / max(count, 1))
+            gates = unwrapped.clsmask.gate_values()
+            if gates is not None:
+                metrics["open_gate_fraction"] = float((gates > 0).float().mean())
+            summary = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+            logger.info(f"epoch {epoch}: {summary}")
+            if args.with_tracking:
+                accelerator.log(
+                    {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=completed_steps
+                )
+        if checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, os.path.join(args.output_dir, "checkpoints", f"epoch_{epoch}"))
+        if completed_steps >= args.max_train_steps:
+            break
+
+    if args.with_tracking:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
+        processor.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
+            json.dump(metrics, handle, indent=2)
+        write_dataset_card(os.path.join(args.output_dir, "training_data.json"), spec)
+        if panels:
+            stack_rows(panels).save(os.path.join(args.output_dir, "validation_panels.png"))
+        write_model_card(args.output_dir, unwrapped.config, metrics, spec, vars(args), stage="pretrain")
+        if "pseudo_mask_mean_iou" in metrics:
+            print(
+                f"pseudo-mask mIoU (validation, image labels): {metrics['pseudo_mask_mean_iou']:.4f} | "
+                f"from predictions: {metrics['prediction_mask_mean_iou']:.4f} | "
+                f"baseline (every pixel = first image label): {metrics['baseline_mean_iou']:.4f} | "
+                f"mAP: {metrics['mAP']:.4f}"
+            )
+        else:
+            print(f"mAP: {metrics.get('mAP', float('nan')):.4f}  F1: {metrics.get('f1_micro', float('nan')):.4f}")
+        if args.push_to_hub:
+            push_folder(args.output_dir, args.hub_model_id, args.hub_token)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def push_folder(folder: str, repo_id: str, token: str | None = None, commit_message: str = "Upload clsmask model"):
+    """Create the Hub repo (if needed) and upload the final folder, without the training checkpoints."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    return api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_id,
+        commit_message=commit_message,
+        ignore_patterns=["checkpoints/*", "*.tmp", "runs/*", "clsmask_pretrain/*"],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""run_pretrain.py end to end on tiny data: outputs, resume equality, data formats, bad inputs, Hub push."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+
+import run_pretrain
+
+
+TINY = [
+    "--image_size", "32", "--patch_size", "8", "--hidden_size", "32", "--num_hidden_layers", "2",
+    "--num_attention_heads", "2", "--intermediate_size", "64", "--per_device_train_batch_size", "16",
+    "--per_device_eval_batch_size", "16", "--num_visualizations", "2",
+]  # fmt: skip
+BUILTIN = ["--train_size", "48", "--validation_size", "16", "--synthetic_image_size", "32"]
+
+
+def test_builtin_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    metrics = run_pretrain.main([*TINY, *BUILTIN, "--num_train_epochs", "2", "--output_dir", str(out),
+                                 "--use_head_gates", "--with_tracking"])  # fmt: skip
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "eval_results.json",
+                 "validation_panels.png", "training_data.json", "modeling_clsmask.py"):  # fmt: skip
+        assert (out / name).exists(), name
+    saved = json.loads((out / "eval_results.json").read_text())
+    for key in ("mAP", "f1_micro", "pseudo_mask_mean_iou", "prediction_mask_mean_iou", "baseline_mean_iou",
+                "class_assignment_accuracy", "open_gate_fraction"):  # fmt: skip
+        assert key in saved, key
+    assert saved["num_images"] == 16
+    assert 0.0 <= saved["pseudo_mask_mean_iou"] <= 1.0
+    assert set(saved["pseudo_mask_per_class_iou"]) == {"background", "disk", "square", "triangle", "cross", "ring"}
+    assert metrics["pseudo_mask_mean_iou"] == saved["pseudo_mask_mean_iou"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["background_threshold"] == 0.5 and config["use_head_gates"]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-segmentation"
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values["Pseudo-mask mIoU (image labels)"] == round(saved["pseudo_mask_mean_iou"], 4)
+    assert any(f.startswith("events") for _, _, files in os.walk(out) for f in files), "tensorboard events"
+    panel = Image.open(out / "validation_panels.png")
+    assert panel.width > panel.height
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    args = [*TINY, *BUILTIN, "--max_train_steps", "6", "--checkpointing_steps", "4", "--num_visualizations", "0"]
+    run_pretrain.main([*args, "--output_dir", str(tmp_path / "full")])
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    assert (tmp_path / "full" / "checkpoints" / "step_4").is_dir()
+    # Interrupted after step 4: a new run in a fresh folder resumes from that checkpoint.
+    os.makedirs(tmp_path / "resumed" / "checkpoints")
+    os.rename(tmp_path / "full" / "checkpoints" / "step_4", tmp_path / "resumed" / "checkpoints" / "step_4")
+    run_pretrain.main([*args, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=key)
+
+
+def make_disk_dataset(path, examples: list[dict], features: datasets.Features):
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(examples, features=features),
+            "validation": datasets.Dataset.from_list(examples, features=features),
+        }  # fmt: skip
+    ).save_to_disk(str(path))
+    return str(path)
+
+
+def rgb(seed, size=(32, 32)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def test_multihot_labels_and_multiband_arrays(tmp_path):
+    features = datasets.Features(
+        {"bands": datasets.Array3D((32, 32, 13), "float32"), "targets": datasets.List(datasets.Value("float32"))}
+    )
+    rng = np.random.default_rng(0)
+    examples = [{"bands": rng.random((32, 32, 13), dtype=np.float32), "targets": [1.0, 0.0, 1.0]} for _ in range(8)]
+    path = make_disk_dataset(tmp_path / "s2", examples, features)
+    metrics = run_pretrain.main([*TINY, "--dataset_name", path, "--image_column", "bands", "--labels_column",
+                                 "targets", "--num_channels", "13", "--max_train_steps", "1",
+                                 "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert metrics["num_images"] == 8
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_channels"] == 13
+
+
+def test_labels_derived_from_masks_parquet(tmp_path):
+    rows = []
+    for i in range(6):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:16] = 1 + i % 2
+        mask[0, 0] = 255
+        rows.append({"image": rgb(i), "annotation": Image.fromarray(mask)})
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    os.makedirs(tmp_path / "pq")
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "pq" / "validation.parquet"))
+    metrics = run_pretrain.main([*TINY, "--dataset_name", str(tmp_path / "pq"), "--label_names", "bg", "a", "b",
+                                 "--background_label_id", "0", "--max_train_steps", "1",
+                                 "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert "pseudo_mask_mean_iou" in metrics and metrics["num_images"] == 6
+
+
+def write_voc(root, names, size=(40, 48)):
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(root / sub, exist_ok=True)
+    for i, name in enumerate(names):
+        rgb(i, size).save(root / "JPEGImages" / f"{name}.jpg")
+        mask = np.zeros(size, np.uint8)
+        mask[5:20, 5:30] = 1 + i % 20
+        mask[20, :] = 255
+        png = Image.fromarray(mask, mode="P")
+        png.putpalette([0, 0, 0, 128, 0, 0] * 128)
+        png.save(root / "SegmentationClass" / f"{name}.png")
+    for split in ("train", "val"):
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+
+
+def test_voc_tree(tmp_path):
+    write_voc(tmp_path / "VOC", [f"2007_{i:06d}" for i in range(5)])
+    metrics = run_pretrain.main([*TINY, "--voc_root", str(tmp_path / "VOC"), "--max_train_steps", "1",
+                                 "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"]["0"] == "background" and len(config["id2label"]) == 21
+    assert "pseudo_mask_mean_iou" in metrics
+
+
+def test_undecodable_images_are_skipped_and_counted(tmp_path):
+    good = [{"image": {"bytes": _png_bytes(rgb(i)), "path": None}, "labels": [0]} for i in range(4)]
+    bad = [{"image": {"bytes": b"not an image", "path": None}, "labels": [1]}]
+    features = datasets.Features(
+        {"image": datasets.Image(), "labels": datasets.List(datasets.ClassLabel(names=["a", "b"]))}
+    )
+    path = make_disk_dataset(tmp_path / "d", good + bad, features)
+    run_pretrain.main([*TINY, "--dataset_name", path, "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")])
+    info = json.loads((tmp_path / "o" / "training_data.json").read_text())
+    assert info["skipped_undecodable"] == {"train": 1, "validation": 1}
+    assert info["splits"] == {"train": 4, "validation": 4}
+
+
+def _png_bytes(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_labels", r"No usable labels column: the dataset has columns \['image', 'caption'\]"),
+        ("out_of_range", r"Label id 7 is out of range: the model has 2 labels"),
+        ("mask_size", r"A mask has size 16x16 but its image is 32x32"),
+        ("channels", r"An image has 4 channels \(shape \(32, 32, 4\)\), but the model expects num_channels=3"),
+        ("wrong_column", r"--labels_column 'tags' is not a column of the dataset"),
+    ],
+)
+def test_bad_inputs(tmp_path, case, message):
+    names = datasets.ClassLabel(names=["a", "b"])
+    if case == "no_labels":
+        features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+        examples = [{"image": rgb(0), "caption": "x"}]
+    elif case in ("out_of_range", "wrong_column"):
+        features = datasets.Features({"image": datasets.Image(), "labels": datasets.List(datasets.Value("int64"))})
+        examples = [{"image": rgb(0), "labels": [0]}, {"image": rgb(1), "labels": [7]}]
+    elif case == "mask_size":
+        features = datasets.Features(
+            {"image": datasets.Image(), "labels": datasets.List(names), "mask": datasets.Image()}
+        )
+        examples = [{"image": rgb(0), "labels": [0], "mask": Image.fromarray(np.zeros((16, 16), np.uint8))}]
+    else:
+        features = datasets.Features(
+            {"image": datasets.Array3D((32, 32, 4), "float32"), "labels": datasets.List(names)}
+        )
+        examples = [{"image": np.zeros((32, 32, 4), np.float32), "labels": [0]}]
+    path = make_disk_dataset(tmp_path / "d", examples, features)
+    extra = ["--labels_column", "tags"] if case == "wrong_column" else []
+    extra += ["--label_names", "a", "b"] if case == "out_of_range" else []
+    with pytest.raises(ValueError, match=message):
+        run_pretrain.main([*TINY, "--dataset_name", path, "--max_train_steps", "1",
+                           "--output_dir", str(tmp_path / "o"), *extra])  # fmt: skip
+
+
+def test_push_to_hub_uses_hub_client(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, exist_ok=False):
+            calls.append(("create_repo", repo_id, exist_ok))
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    hub = ["--push_to_hub", "--hub_model_id", "me/clsmask-shapes", "--checkpointing_steps", "1"]
+    run_pretrain.main([*TINY, *BUILTIN, "--max_train_steps", "1", "--output_dir", str(tmp_path / "o"), *hub])
+    create = [c for c in calls if c[0] == "create_repo"]
+    upload = [c for c in calls if c[0] == "upload_folder"]
+    assert create == [("create_repo", "me/clsmask-shapes", True)]
+    files = upload[0][2]
+    assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json", "modeling_clsmask.py",
+            "configuration_clsmask.py", "pseudo_masks.py", "image_processing_clsmask.py"} <= set(files)  # fmt: skip
+    assert "checkpoints/*" in upload[0][3]
+    assert ModelCard.load(tmp_path / "o" / "README.md").data.model_name == "me/clsmask-shapes"
+
+
+def test_two_processes_gloo(tmp_path):
+    """`accelerate launch --cpu --num_processes 2`: metrics gathered over both processes, files from the main one."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", run_pretrain.__file__, *TINY,
+           "--train_size", "40", "--validation_size", "18", "--synthetic_image_size", "32",
+           "--max_train_steps", "2", "--output_dir", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["num_images"] == 18  # 9 per process, no duplicates from padding
+    assert "pseudo-mask mIoU" in result.stdout
