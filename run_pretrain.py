@@ -35,7 +35,14 @@ from modeling_clsmask import (
     ClsMaskImageProcessor,
     masks_from_class_maps,
 )
-from modeling_clsmask.data import ExampleEncoder, augment_batch, collate, load_data, write_dataset_card
+from modeling_clsmask.data import (
+    ExampleEncoder,
+    add_data_arguments,
+    augment_batch,
+    collate,
+    load_data,
+    write_dataset_card,
+)
 from modeling_clsmask.metrics import (
     class_assignment_counts,
     classification_metrics,
@@ -51,24 +58,7 @@ logger = get_logger(__name__)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data (default: the built-in synthetic shapes dataset)")
-    data.add_argument("--dataset_name", help="Hub id, save_to_disk folder, or any folder/file load_dataset reads.")
-    data.add_argument("--dataset_config_name")
-    data.add_argument("--voc_root", help="PASCAL VOC style tree (JPEGImages, SegmentationClass[Aug], ImageSets).")
-    data.add_argument("--image_column")
-    data.add_argument("--labels_column")
-    data.add_argument("--mask_column")
-    data.add_argument("--label_names", nargs="+", help="Class names when the dataset has none.")
-    data.add_argument("--background_label_id", type=int, help="Label id of background in the masks, if any.")
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--validation_split", default="validation")
-    data.add_argument("--max_train_samples", type=int)
-    data.add_argument("--max_eval_samples", type=int)
-    data.add_argument("--train_size", type=int, default=6000, help="Built-in dataset: training images.")
-    data.add_argument("--validation_size", type=int, default=300, help="Built-in dataset: validation/test images.")
-    data.add_argument("--synthetic_image_size", type=int, default=64)
-    data.add_argument("--data_seed", type=int, default=0)
-    data.add_argument("--cache_dir")
+    add_data_arguments(parser)
 
     model = parser.add_argument_group("model")
     model.add_argument("--init_from", help="A transformers ViT or DeiT checkpoint to initialise from.")
@@ -84,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--use_head_gates", action="store_true")
     model.add_argument("--l0_penalty", type=float, default=0.01)
     model.add_argument("--attention_map_layers", type=int, default=2)
+    model.add_argument("--diversity_loss_coefficient", type=float, default=0.0, help="Public code's option: 0.1.")
     model.add_argument(
         "--background_threshold",
         type=float,
@@ -99,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
     train.add_argument("--learning_rate", type=float, default=1e-3)
     train.add_argument("--weight_decay", type=float, default=0.05)
-    train.add_argument("--num_train_epochs", type=int, default=10)
+    train.add_argument("--num_train_epochs", type=int, default=25)
     train.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--lr_scheduler_type", default="cosine")
@@ -140,6 +131,7 @@ def build_model(args, class_names: list[str], background_label_id: int | None):
         use_head_gates=args.use_head_gates,
         l0_penalty=args.l0_penalty,
         attention_map_layers=args.attention_map_layers,
+        diversity_loss_coefficient=args.diversity_loss_coefficient,
         background_threshold=background,
         background_label_id=background_label_id or 0,
     )
@@ -248,10 +240,10 @@ def save_checkpoint(accelerator, folder: str) -> None:
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(args) -> str:
-    if args.resume_from_checkpoint != "latest":
-        return args.resume_from_checkpoint
-    root = os.path.join(args.output_dir, "checkpoints")
+def find_checkpoint(resume_from_checkpoint: str, root: str) -> str:
+    """The folder to resume from: the given path, or with 'latest' the newest step_/epoch_ folder in `root`."""
+    if resume_from_checkpoint != "latest":
+        return resume_from_checkpoint
     folders = [f for f in os.listdir(root) if f.split("_")[0] in ("step", "epoch") and not f.endswith(".tmp")]
     if not folders:
         raise FileNotFoundError(f"No checkpoint in {root}.")
@@ -353,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     completed_steps, starting_epoch, resume_step = 0, 0, 0
     if args.resume_from_checkpoint:
-        path = find_checkpoint(args)
+        path = find_checkpoint(args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints"))
         accelerator.print(f"Resumed from checkpoint: {path}")
         accelerator.load_state(path)
         name = os.path.basename(os.path.normpath(path))

@@ -21,6 +21,7 @@ from .modeling_clsmask import (
     ClsMaskModel,
     ClsMaskPreTrainedModel,
 )
+from .pipeline_clsmask import ClsMaskSegmentationPipeline
 from .pseudo_masks import masks_from_class_maps, nearest_fill, normalize_maps
 
 
@@ -39,6 +40,7 @@ __all__ = [
     "ClsMaskPreTrainedModel",
     "ClsMaskForMultiLabelClassification",
     "ClsMaskForSemanticSegmentation",
+    "ClsMaskSegmentationPipeline",
     "masks_from_class_maps",
     "nearest_fill",
     "normalize_maps",

@@ -27,6 +27,8 @@ class ClsMaskConfig(PreTrainedConfig):
             DFC2020). A float makes pixels whose best normalised class score is below it background.
         background_label_id (`int`): label id used for background when `background_threshold` is set. Its class
             token is never used to paint pixels.
+        diversity_loss_coefficient (`float`): weight of the public code's optional diversity loss (not in the
+            paper): `||G - I||_F` of the Gram matrix of the L2-normalised class maps, pushing class maps apart.
     """
 
     model_type = "clsmask"
@@ -55,10 +57,14 @@ class ClsMaskConfig(PreTrainedConfig):
     class_threshold: float = 0.5
     background_threshold: float | None = None
     background_label_id: int = 0
+    diversity_loss_coefficient: float = 0.0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, (list, tuple)):
             self.image_size = [int(s) for s in self.image_size]
+        # Multi-label: the stock image-classification pipeline then applies a sigmoid per class.
+        if self.problem_type is None:
+            self.problem_type = "multi_label_classification"
         super().__post_init__(**kwargs)
         self._check()
 

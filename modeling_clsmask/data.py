@@ -270,6 +270,28 @@ def load_data(args) -> DataSpec:
     return drop_undecodable(spec)
 
 
+def add_data_arguments(parser) -> None:
+    """The data options shared by run_pretrain.py and run_segmentation.py."""
+    data = parser.add_argument_group("data (default: the built-in synthetic shapes dataset)")
+    data.add_argument("--dataset_name", help="Hub id, save_to_disk folder, or any folder/file load_dataset reads.")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--voc_root", help="PASCAL VOC style tree (JPEGImages, SegmentationClass[Aug], ImageSets).")
+    data.add_argument("--image_column")
+    data.add_argument("--labels_column")
+    data.add_argument("--mask_column")
+    data.add_argument("--label_names", nargs="+", help="Class names when the dataset has none.")
+    data.add_argument("--background_label_id", type=int, help="Label id of background in the masks, if any.")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--validation_split", default="validation")
+    data.add_argument("--max_train_samples", type=int)
+    data.add_argument("--max_eval_samples", type=int)
+    data.add_argument("--train_size", type=int, default=6000, help="Built-in dataset: training images.")
+    data.add_argument("--validation_size", type=int, default=300, help="Built-in dataset: validation/test images.")
+    data.add_argument("--synthetic_image_size", type=int, default=64)
+    data.add_argument("--data_seed", type=int, default=0)
+    data.add_argument("--cache_dir")
+
+
 def image_to_array(image, num_channels: int) -> np.ndarray:
     """(C, H, W) float32 array from a PIL image or an array (HWC or CHW), checking the band count."""
     if isinstance(image, Image.Image):

@@ -78,10 +78,11 @@ def classification_metrics(
 def class_assignment_counts(
     class_maps: torch.Tensor, masks: torch.Tensor, present: torch.Tensor, foreground: list[int]
 ) -> torch.Tensor:
-    """(B, 2) per image: [present classes whose own map is the most concentrated in their true region, present].
+    """(B, 2) per image: [present classes whose own map overlaps their true region most, present classes counted].
 
-    For each present class k, each foreground class map c (normalised to [0, 1] at mask resolution) is averaged over
-    the pixels of k's true region; k counts as correct when its own map has the highest average there.
+    For each present class k, the map of every present class c (normalised to [0, 1] at mask resolution) is averaged
+    over the pixels of k's true region; k counts as correct when its own map has the highest average there. Only
+    images with at least two visible present classes count (with one, the answer is trivially right).
     """
     maps = F.interpolate(class_maps.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
     flat = maps.flatten(2)
@@ -90,8 +91,10 @@ def class_assignment_counts(
     regions = torch.stack([(masks == k) for k in foreground], dim=1).float()  # (B, F, H, W)
     area = regions.flatten(2).sum(-1)  # (B, F)
     inside = torch.einsum("bchw,bkhw->bck", maps, regions) / area.clamp_min(1).unsqueeze(1)  # map c over region k
+    visible = present[:, foreground].bool() & (area > 0)  # (B, F)
+    inside = inside.masked_fill(~visible.unsqueeze(2), -1.0)  # only present classes' maps compete
     own_best = inside.argmax(dim=1) == torch.arange(len(foreground), device=maps.device)
-    counted = present[:, foreground].bool() & (area > 0)
+    counted = visible & (visible.sum(1, keepdim=True) >= 2)
     return torch.stack([(own_best & counted).sum(1), counted.sum(1)], dim=1)
 
 

@@ -13,6 +13,7 @@ PAPER = "arXiv:2507.06848"
 CARD_HYPERPARAMETERS = (
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_train_steps", "optimizer", "weight_decay", "lr_scheduler_type", "warmup_ratio", "seed", "init_from",
+    "model_name_or_path", "scales", "flip", "pseudo_label_source",
 )  # fmt: skip
 CONFIG_FIELDS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -56,7 +57,8 @@ def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, s
         library_name="transformers",
         pipeline_tag="image-segmentation",
         license="apache-2.0",
-        tags=["clsmask", "weakly-supervised-semantic-segmentation", "vision-transformer", "custom_code", stage],
+        tags=["clsmask", "weakly-supervised-semantic-segmentation", stage]
+        + (["vision-transformer", "custom_code"] if stage == "pretrain" else []),
         datasets=[dataset_type] if "/" in dataset_type else None,
         base_model=args.get("init_from") if args.get("init_from") and not os.path.exists(args["init_from"]) else None,
         metrics=["mean_iou", "mAP"],
@@ -64,6 +66,8 @@ def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, s
     )
     rows = [(k, args.get(k)) for k in CARD_HYPERPARAMETERS if args.get(k) is not None]
     rows += [(k, getattr(config, k)) for k in CONFIG_FIELDS if hasattr(config, k)]
+    if stage != "pretrain":
+        rows.append(("architecture", type(config).__name__.replace("Config", "")))
     results = [(k, f"{v:.4f}") for k, v in metrics.items() if isinstance(v, float) and "per_class" not in k]
     splits = ", ".join(f"{name}: {len(split)}" for name, split in spec.dataset.items())
     card = ModelCard.from_template(

@@ -9,6 +9,8 @@ prune attention heads.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +35,14 @@ AUTO_MAP = {
     "AutoModel": "modeling_clsmask.ClsMaskModel",
     "AutoModelForImageClassification": "modeling_clsmask.ClsMaskForMultiLabelClassification",
     "AutoModelForSemanticSegmentation": "modeling_clsmask.ClsMaskForSemanticSegmentation",
+}
+# `pipeline("image-segmentation", model=<folder>, trust_remote_code=True)` picks this pipeline class.
+CUSTOM_PIPELINES = {
+    "image-segmentation": {
+        "impl": "pipeline_clsmask.ClsMaskSegmentationPipeline",
+        "pt": ["AutoModelForSemanticSegmentation"],
+        "type": "image",
+    }
 }
 
 
@@ -347,9 +357,18 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual; `auto_map` lists every head so any saved folder loads with each Auto class."""
+        """Save as usual, plus: `auto_map` for every head, and the custom image-segmentation pipeline."""
         self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        pipeline_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_clsmask.py")
+        if os.path.exists(pipeline_file):  # absent when this class itself came from a Hub module cache
+            self.config.custom_pipelines = {
+                **CUSTOM_PIPELINES,
+                **(getattr(self.config, "custom_pipelines", None) or {}),
+            }
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if os.path.exists(pipeline_file) and kwargs.get("is_main_process", True):
+            shutil.copy(pipeline_file, os.path.join(save_directory, "pipeline_clsmask.py"))
+        return result
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -451,6 +470,14 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
             patch_attention = attention[..., num_classes : num_classes + num_patches]
             maps = maps + torch.einsum("bhcn,h->bcn", patch_attention, weights)
         return maps.reshape(-1, num_classes, *grid)
+
+
+def diversity_loss(class_maps: torch.Tensor) -> torch.Tensor:
+    """Mean over images of ||G - I||_F, G the Gram matrix of the L2-normalised flattened class maps (C x C)."""
+    flat = nn.functional.normalize(class_maps.flatten(2).float(), dim=-1)
+    gram = flat @ flat.transpose(1, 2)
+    eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+    return (gram - eye).flatten(1).norm(dim=1).mean()
 
 
 def patch_grid(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
@@ -609,6 +636,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         output_class_maps: also return (B, C, h, w) class maps (and the per-layer class attention rows).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        diversity = self.training and labels is not None and self.config.diversity_loss_coefficient > 0
+        output_class_maps = output_class_maps or diversity
         outputs = self.clsmask(
             pixel_values,
             output_class_attentions=output_class_maps,
@@ -624,6 +653,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             layers = self.clsmask.class_attention_layers(attention_map_layers)
             grid = patch_grid(pixel_values, self.config.patch_size)
             class_maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
+        if diversity:
+            loss = loss + self.config.diversity_loss_coefficient * diversity_loss(class_maps)
         output = ClsMaskClassifierOutput(
             loss=loss,
             logits=logits,

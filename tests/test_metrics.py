@@ -57,3 +57,8 @@ def test_class_assignment():
     maps[0, 2, :, :4] = 1  # class 2's map also on class 1's region: wrong for class 2
     counts = class_assignment_counts(maps, masks, torch.tensor([[0, 1, 1]]), foreground=[1, 2])
     assert counts.tolist() == [[1, 2]]
+    # Absent classes' maps do not compete; a single present class does not count (trivially right).
+    maps[0, 2] = 0
+    maps[0, 2, :, 4:] = 1
+    assert class_assignment_counts(maps, masks, torch.tensor([[0, 1, 1]]), foreground=[1, 2]).tolist() == [[2, 2]]
+    assert class_assignment_counts(maps, masks, torch.tensor([[0, 1, 0]]), foreground=[1, 2]).tolist() == [[0, 0]]

@@ -261,3 +261,22 @@ def test_class_tokens_only_last_block_matches_full(gates):
     torch.testing.assert_close(short.last_hidden_state, full.last_hidden_state[:, :3], atol=1e-6, rtol=1e-5)
     for a, b in zip(short.class_attentions, full.class_attentions):
         torch.testing.assert_close(a, b)
+
+
+def test_diversity_loss():
+    from modeling_clsmask.modeling_clsmask import diversity_loss
+
+    orthogonal = torch.zeros(1, 2, 2, 2)
+    orthogonal[0, 0, 0, 0] = 1
+    orthogonal[0, 1, 1, 1] = 1
+    assert diversity_loss(orthogonal).item() == pytest.approx(0.0)
+    same = torch.ones(1, 2, 2, 2)
+    assert diversity_loss(same).item() == pytest.approx(2**0.5)
+    model = ClsMaskForMultiLabelClassification(tiny_config(diversity_loss_coefficient=0.1)).train()
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0]])
+    torch.manual_seed(1)
+    with_div = model(torch.ones(2, 3, 32, 32), labels=labels).loss
+    model.config.diversity_loss_coefficient = 0.0
+    torch.manual_seed(1)
+    without = model(torch.ones(2, 3, 32, 32), labels=labels).loss
+    assert with_div > without

@@ -1,0 +1,103 @@
+"""The saved custom pipeline: real class probabilities, masks at input size, labels restriction, fresh process."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+from test_remote_code import run_isolated
+
+from modeling_clsmask import (
+    ClsMaskForMultiLabelClassification,
+    ClsMaskForSemanticSegmentation,
+    ClsMaskImageProcessor,
+    ClsMaskSegmentationPipeline,
+)
+from modeling_clsmask.visualization import attention_panel, overlay
+
+
+def biased_model(**overrides):
+    """Tiny model whose classifier predicts classes 0 and 2 (cat, car) for any image, confidently."""
+    config = tiny_config(**overrides)
+    model = ClsMaskForSemanticSegmentation(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([4.0, -4.0, 3.0]))
+    return model, ClsMaskImageProcessor.from_model_config(config)
+
+
+def test_pipeline_in_process_masks_scores_labels():
+    model, processor = biased_model()
+    pipe = ClsMaskSegmentationPipeline(model=model, image_processor=processor)
+    image = Image.fromarray(np.random.randint(0, 255, (37, 53, 3), dtype=np.uint8))
+    result = pipe(image)
+    assert {r["label"] for r in result} <= {"cat", "car"} and len(result) >= 1
+    for r in result:
+        assert r["mask"].mode == "L" and r["mask"].size == (53, 37)
+        expected = torch.sigmoid(torch.tensor(4.0 if r["label"] == "cat" else 3.0)).item()
+        assert r["score"] == pytest.approx(expected, abs=1e-4)
+    union = sum((np.asarray(r["mask"]) > 0).astype(int) for r in result)
+    assert (union == 1).all(), "every pixel in exactly one mask"
+    # Restrict to known image labels (WSSS protocol): only "dog", though the model does not predict it.
+    only_dog = pipe(image, labels=["dog"])
+    assert [r["label"] for r in only_dog] == ["dog"]
+    # A threshold above every probability: the most probable class still covers the image (no background).
+    assert [r["label"] for r in pipe(image, threshold=0.999)] == ["cat"]
+    # Batched inputs of several kinds: numpy array, PIL image.
+    results = pipe([np.asarray(image), image])
+    assert len(results) == 2 and all(isinstance(r, list) for r in results)
+
+
+def test_pipeline_background():
+    model, processor = biased_model(background_threshold=0.6)
+    pipe = ClsMaskSegmentationPipeline(model=model, image_processor=processor)
+    result = pipe(Image.fromarray(np.random.randint(0, 255, (32, 32, 3), dtype=np.uint8)))
+    labels = {r["label"]: r["score"] for r in result}
+    assert set(labels) <= {"cat", "car"}  # cat (id 0) is background here
+    assert "cat" not in labels or labels["cat"] is None
+    with pytest.raises(ValueError, match="Unknown label 'horse'"):
+        pipe(Image.new("RGB", (32, 32)), labels=["horse"])
+
+
+def test_pictures():
+    image = Image.new("RGB", (40, 30), "gray")
+    mask = np.zeros((30, 40), dtype=np.int64)
+    mask[:, 20:] = 2
+    picture = overlay(image, mask, num_classes=3)
+    assert picture.size == (40, 30)
+    assert picture.getpixel((5, 5)) == (128, 128, 128)  # background left unpainted
+    assert picture.getpixel((30, 5)) != (128, 128, 128)
+    panel = attention_panel(image, torch.rand(3, 4, 5), ["bg", "a", "b"], [1, 2], mask, mask, tile_size=64)
+    assert panel.size == (64 * 5, 64 + 14)
+
+
+def test_fresh_process_pipelines(tmp_path):
+    model, processor = biased_model()
+    folder = tmp_path / "ckpt"
+    ClsMaskForMultiLabelClassification.save_pretrained(model, folder)
+    processor.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["custom_pipelines"]["image-segmentation"]["impl"] == "pipeline_clsmask.ClsMaskSegmentationPipeline"
+    assert (folder / "pipeline_clsmask.py").exists()
+    Image.fromarray(np.random.randint(0, 255, (41, 67, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    out = run_isolated(
+        """
+        import math
+        from transformers import pipeline
+        seg = pipeline("image-segmentation", model="ckpt", trust_remote_code=True)
+        assert type(seg).__name__ == "ClsMaskSegmentationPipeline", type(seg)
+        result = seg("img.png")
+        assert {r["label"] for r in result} <= {"cat", "car"}, result
+        assert all(r["mask"].size == (67, 41) for r in result)
+        assert all(r["score"] is not None and r["score"] > 0.9 for r in result)
+        clf = pipeline("image-classification", model="ckpt", trust_remote_code=True, top_k=None)
+        scores = {r["label"]: r["score"] for r in clf("img.png")}
+        assert abs(scores["cat"] - 1 / (1 + math.exp(-4))) < 1e-4, scores  # sigmoid, not softmax
+        assert abs(scores["car"] - 1 / (1 + math.exp(-3))) < 1e-4, scores
+        print("OK")
+        """,
+        tmp_path,
+    )
+    assert "OK" in out

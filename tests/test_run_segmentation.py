@@ -1,0 +1,94 @@
+"""run_segmentation.py on tiny data: pseudo-masks, saved dataset schema, TTA shapes, segmentation, baseline."""
+
+import datasets
+import pytest
+import torch
+from conftest import tiny_config
+from huggingface_hub import ModelCard
+from test_run_pretrain import BUILTIN, TINY
+
+import run_pretrain
+import run_segmentation
+from modeling_clsmask import ClsMaskForMultiLabelClassification
+
+
+SEG = ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--num_visualizations", "2"]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    run_pretrain.main(
+        [*TINY, *BUILTIN, "--max_train_steps", "2", "--output_dir", str(out), "--num_visualizations", "0"]
+    )
+    return str(out)
+
+
+def test_end_to_end_with_tta_and_baseline(stage1, tmp_path):
+    out = tmp_path / "seg"
+    results = run_segmentation.main(
+        [
+            "--model_name_or_path",
+            stage1,
+            *BUILTIN,
+            *SEG,
+            "--max_train_steps",
+            "2",
+            "--scales",
+            "1.0",
+            "0.75",
+            "1.25",
+            "--flip",
+            "--fully_supervised_baseline",
+            "--output_dir",
+            str(out),
+        ]  # fmt: skip
+    )
+    for key in ("pseudo_mask_mean_iou", "segmentation_mean_iou", "fully_supervised_mean_iou", "weak_to_full_ratio"):
+        assert 0.0 <= results[key] <= 1e6, key
+    assert results["pseudo_label_source"] == "labels"
+    saved = datasets.load_from_disk(str(out / "pseudo_masks"))
+    assert list(saved) == ["train"] and len(saved["train"]) == 48
+    assert {"image", "pseudo_mask", "mask", "labels"} <= set(saved["train"].column_names)
+    assert isinstance(saved["train"].features["pseudo_mask"], datasets.Image)
+    example = saved["train"][0]
+    assert example["pseudo_mask"].size == example["image"].size
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "eval_results.json",
+                 "validation_panels.png", "pseudo_mask_results.json"):  # fmt: skip
+        assert (out / name).exists(), name
+    card = ModelCard.load(out / "README.md")
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values["Segmentation mIoU"] == round(results["segmentation_mean_iou"], 4)
+    from transformers import AutoModelForSemanticSegmentation
+
+    model = AutoModelForSemanticSegmentation.from_pretrained(out)
+    assert type(model).__name__ == "SegformerForSemanticSegmentation"
+
+
+@pytest.mark.parametrize("height, width", [(40, 56), (24, 72)])
+def test_tta_shapes_for_odd_sizes(height, width):
+    model = ClsMaskForMultiLabelClassification(tiny_config()).eval()
+    pixels = torch.randn(2, 3, height, width)
+    maps, probs = run_segmentation.tta_class_maps(model, pixels, [1.0, 0.75, 1.25, 0.5], flip=True)
+    assert maps.shape == (2, 3, height // 8, width // 8)
+    assert probs.shape == (2, 3) and (probs >= 0).all() and (probs <= 1).all()
+    assert run_segmentation.scaled_size(40, 56, 0.75, 8) == (32, 40)
+    assert run_segmentation.scaled_size(8, 8, 0.3, 8) == (8, 8)
+
+
+def test_flip_tta_is_flip_equivariant():
+    model = ClsMaskForMultiLabelClassification(tiny_config()).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    maps, _ = run_segmentation.tta_class_maps(model, pixels, [1.0], flip=True)
+    flipped, _ = run_segmentation.tta_class_maps(model, pixels.flip(-1), [1.0], flip=True)
+    torch.testing.assert_close(maps, flipped.flip(-1), atol=1e-5, rtol=1e-4)
+
+
+def test_class_mismatch_is_reported(stage1, tmp_path):
+    model = ClsMaskForMultiLabelClassification.from_pretrained(stage1)
+    names = {i: f"x{i}" for i in range(model.config.num_labels)}
+    model.config.id2label, model.config.label2id = names, {v: k for k, v in names.items()}
+    model.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="differ from the stage-1 model"):
+        run_segmentation.main(["--model_name_or_path", str(tmp_path / "other"), *BUILTIN, *SEG,
+                               "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")])  # fmt: skip
