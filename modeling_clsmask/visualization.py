@@ -49,6 +49,27 @@ def overlay(image: Image.Image, mask: np.ndarray, num_classes: int, alpha: float
     return Image.composite(image, blended, keep)
 
 
+def draw_segments(image: Image.Image, segments: list[dict], alpha: float = 0.5) -> Image.Image:
+    """Overlay an image-segmentation pipeline result (`[{"label", "score", "mask"}]`) on its image, with a legend."""
+    image = image.convert("RGB")
+    colours = palette(len(segments) + 1)[1:]
+    canvas = image.copy()
+    for segment, colour in zip(segments, colours):
+        solid = Image.new("RGB", image.size, tuple(int(c) for c in colour))
+        blended = Image.blend(image, solid, alpha)
+        canvas.paste(blended, (0, 0), segment["mask"].convert("L"))
+    legend_height = 14 * len(segments)
+    out = Image.new("RGB", (image.width, image.height + legend_height), "white")
+    out.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, (segment, colour) in enumerate(zip(segments, colours)):
+        y = image.height + 14 * i
+        draw.rectangle([2, y + 2, 12, y + 12], fill=tuple(int(c) for c in colour))
+        score = "" if segment.get("score") is None else f" {segment['score']:.2f}"
+        draw.text((16, y + 1), f"{segment['label']}{score}", fill="black")
+    return out
+
+
 def _tile(image: Image.Image, title: str, size: int) -> Image.Image:
     tile = Image.new("RGB", (size, size + 14), "white")
     tile.paste(image.convert("RGB").resize((size, size), Image.NEAREST), (0, 14))
@@ -91,4 +112,4 @@ def stack_rows(rows: list[Image.Image]) -> Image.Image:
     return out
 
 
-__all__ = ["attention_panel", "colourise", "heatmap", "overlay", "palette", "stack_rows"]
+__all__ = ["attention_panel", "colourise", "draw_segments", "heatmap", "overlay", "palette", "stack_rows"]

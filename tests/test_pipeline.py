@@ -15,7 +15,7 @@ from modeling_clsmask import (
     ClsMaskImageProcessor,
     ClsMaskSegmentationPipeline,
 )
-from modeling_clsmask.visualization import attention_panel, overlay
+from modeling_clsmask.visualization import attention_panel, draw_segments, overlay
 
 
 def biased_model(**overrides):
@@ -45,6 +45,8 @@ def test_pipeline_in_process_masks_scores_labels():
     assert [r["label"] for r in only_dog] == ["dog"]
     # A threshold above every probability: the most probable class still covers the image (no background).
     assert [r["label"] for r in pipe(image, threshold=0.999)] == ["cat"]
+    drawn = draw_segments(image, result)
+    assert drawn.size == (53, 37 + 14 * len(result))
     # Batched inputs of several kinds: numpy array, PIL image.
     results = pipe([np.asarray(image), image])
     assert len(results) == 2 and all(isinstance(r, list) for r in results)

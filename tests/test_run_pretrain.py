@@ -40,7 +40,9 @@ def test_builtin_end_to_end(tmp_path):
     assert set(saved["pseudo_mask_per_class_iou"]) == {"background", "disk", "square", "triangle", "cross", "ring"}
     assert metrics["pseudo_mask_mean_iou"] == saved["pseudo_mask_mean_iou"]
     config = json.loads((out / "config.json").read_text())
-    assert config["background_threshold"] == 0.5 and config["use_head_gates"]
+    assert config["background_threshold"] == 0.3 and config["use_head_gates"]
+    assert config["attention_map_layers"] == 2  # all layers by default
+    assert saved["test_num_images"] == 16 and "test_pseudo_mask_mean_iou" in saved
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "image-segmentation"
@@ -234,3 +236,24 @@ def test_two_processes_gloo(tmp_path):
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["num_images"] == 18  # 9 per process, no duplicates from padding
     assert "pseudo-mask mIoU" in result.stdout
+
+
+def test_recipes_are_valid_and_voc_recipe_runs(tmp_path):
+    import glob
+
+    for path in glob.glob(os.path.join(os.path.dirname(run_pretrain.__file__), "recipes", "*.json")):
+        recipe = json.loads(open(path).read())
+        assert "args" in recipe and "paper_results" in recipe
+        run_pretrain.parse_args(["--recipe", path])  # every key is a known option
+    args = run_pretrain.parse_args(["--recipe", "voc", "--image_size", "32"])
+    assert args.token_mask_rate == 0.5 and args.use_head_gates and args.image_size == 32 and args.patch_size == 16
+    write_voc(tmp_path / "VOC", [f"2008_{i:06d}" for i in range(3)], size=(32, 32))
+    # The recipe's ViT-B init needs the network: tests override it (and the size) on the command line.
+    voc = ["--recipe", "voc", "--voc_root", str(tmp_path / "VOC"), "--init_from", ""]
+    tiny = [*TINY, "--attention_map_layers", "2", "--max_train_steps", "1", "--output_dir", str(tmp_path / "out")]
+    metrics = run_pretrain.main([*voc, *tiny])
+    assert "pseudo_mask_mean_iou" in metrics
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["use_head_gates"] and config["token_mask_rate"] == 0.5
+    with pytest.raises(SystemExit):
+        run_pretrain.parse_args(["--recipe", "nope"])
