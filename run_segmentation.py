@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -410,9 +411,9 @@ def main(argv: list[str] | None = None) -> dict:
     pseudo = datasets.load_from_disk(pseudo_dir)
 
     # 2. Segmentation on pseudo-masks (and, optionally, on the real masks with the same recipe).
-    weak_spec = DataSpec(
-        dataset=pseudo, class_names=spec.class_names, image_column=spec.image_column, labels_column=None,
-        mask_column="pseudo_mask", labels_format="mask", background_label_id=spec.background_label_id,
+    # Segmentation training reads masks only (labels_format "mask"): pseudo-masks here, real masks for the baseline.
+    weak_spec = dataclasses.replace(
+        spec, dataset=pseudo, mask_column="pseudo_mask", labels_column=None, labels_format="mask",
         source=f"pseudo-masks of {spec.source}",
     )  # fmt: skip
     model, processor, metrics, panels = train_segmenter(
@@ -424,11 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         **report,
     }
     if args.fully_supervised_baseline:
-        full_spec = DataSpec(
-            dataset=spec.dataset, class_names=spec.class_names, image_column=spec.image_column, labels_column=None,
-            mask_column=spec.mask_column, labels_format="mask", background_label_id=spec.background_label_id,
-            source=spec.source,
-        )  # fmt: skip
+        full_spec = dataclasses.replace(spec, labels_column=None, labels_format="mask")
         _, _, full, _ = train_segmenter(args, accelerator, full_spec, spec, image_size, num_channels, "full")
         results.update(
             fully_supervised_mean_iou=full["mean_iou"],
