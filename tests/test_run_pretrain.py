@@ -1,7 +1,9 @@
 """run_pretrain.py end to end on tiny data: outputs, resume equality, data formats, bad inputs, Hub push."""
 
+import fnmatch
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
+from test_remote_code import run_isolated
 
 import run_pretrain
 
@@ -206,7 +209,16 @@ def test_push_to_hub_uses_hub_client(tmp_path, monkeypatch):
             return type("RepoUrl", (), {"repo_id": repo_id})()
 
         def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
-            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+            # What a Hub repo would receive: every file not matched by the ignore patterns.
+            uploaded = []
+            for root, _, files in os.walk(folder_path):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(root, name), folder_path)
+                    if not any(fnmatch.fnmatch(rel, pattern) for pattern in ignore_patterns):
+                        uploaded.append(rel)
+                        os.makedirs(os.path.dirname(tmp_path / "hub" / rel), exist_ok=True)
+                        shutil.copy(os.path.join(folder_path, rel), tmp_path / "hub" / rel)
+            calls.append(("upload_folder", repo_id, sorted(uploaded), ignore_patterns))
 
     import huggingface_hub
 
@@ -219,8 +231,19 @@ def test_push_to_hub_uses_hub_client(tmp_path, monkeypatch):
     files = upload[0][2]
     assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json", "modeling_clsmask.py",
             "configuration_clsmask.py", "pseudo_masks.py", "image_processing_clsmask.py"} <= set(files)  # fmt: skip
-    assert "checkpoints/*" in upload[0][3]
-    assert ModelCard.load(tmp_path / "o" / "README.md").data.model_name == "me/clsmask-shapes"
+    assert not any(f.startswith("checkpoints") for f in files)
+    assert ModelCard.load(tmp_path / "hub" / "README.md").data.model_name == "me/clsmask-shapes"
+    Image.fromarray(np.random.randint(0, 255, (45, 61, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    out = run_isolated(
+        """
+        from transformers import pipeline
+        result = pipeline("image-segmentation", model="hub", trust_remote_code=True)("img.png")
+        assert result and all(r["mask"].size == (61, 45) for r in result), result
+        print("OK", sorted(r["label"] for r in result))
+        """,
+        tmp_path,
+    )
+    assert out.startswith("OK")
 
 
 def test_two_processes_gloo(tmp_path):
