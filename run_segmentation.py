@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seg.add_argument("--per_device_eval_batch_size", type=int, default=64)
     seg.add_argument("--learning_rate", type=float, default=1e-3)
     seg.add_argument("--weight_decay", type=float, default=0.01)
-    seg.add_argument("--num_train_epochs", type=int, default=8)
+    seg.add_argument("--num_train_epochs", type=int, default=3)
     seg.add_argument("--max_train_steps", type=int)
     seg.add_argument("--gradient_accumulation_steps", type=int, default=1)
     seg.add_argument("--lr_scheduler_type", default="cosine")
@@ -149,8 +149,9 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
     size = config.image_grid_size
     encoder = ExampleEncoder(spec, config.num_channels, size, processor.image_mean, processor.image_std)
     data = spec.dataset[split]
-    if args.max_train_samples:
-        data = data.select(range(min(args.max_train_samples, len(data))))
+    limit = args.max_train_samples if split == args.train_split else args.max_eval_samples
+    if limit:
+        data = data.select(range(min(limit, len(data))))
     has_labels = spec.labels_column is not None or spec.labels_format == "mask"
     source = args.pseudo_label_source
     if source == "auto":
@@ -213,8 +214,8 @@ def build_segmenter(args, class_names: list[str], image_size: int, num_channels:
         )
     config = SegformerConfig(
         num_channels=num_channels,
-        hidden_sizes=[32, 64, 160, 256],
-        depths=[2, 2, 2, 2],
+        hidden_sizes=[32, 64, 128, 160],  # a small SegFormer that trains in minutes on a CPU
+        depths=[1, 1, 1, 1],
         decoder_hidden_size=128,
         num_labels=len(class_names),
         id2label=id2label,
@@ -226,7 +227,10 @@ def build_segmenter(args, class_names: list[str], image_size: int, num_channels:
 
 
 @torch.no_grad()
-def evaluate_segmenter(model, loader, accelerator, num_labels: int, num_visualizations: int, class_names, mean, std):
+def evaluate_segmenter(
+    model, loader, accelerator, num_labels, num_visualizations, class_names, mean, std, pseudo_masks=None
+):
+    """Per-class mIoU on real masks; panels (image, pseudo-mask, prediction, ground truth) for the first images."""
     model.eval()
     confusions, panels = [], []
     for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
@@ -236,13 +240,15 @@ def evaluate_segmenter(model, loader, accelerator, num_labels: int, num_visualiz
         confusions.append(accelerator.gather_for_metrics(confusion_matrices(prediction, batch["mask"], num_labels)))
         if accelerator.is_main_process and len(panels) < num_visualizations:
             for i in range(min(num_visualizations - len(panels), prediction.shape[0])):
-                tiles = [
-                    to_display_image(batch["pixel_values"][i], mean, std),
-                    colourise(batch["train_mask"][i].cpu().numpy(), num_labels) if "train_mask" in batch else None,
+                index = len(panels)
+                tiles = [to_display_image(batch["pixel_values"][i], mean, std)]
+                if pseudo_masks is not None and index < len(pseudo_masks):
+                    tiles.append(colourise(pseudo_masks[index], num_labels))
+                tiles += [
                     colourise(prediction[i].cpu().numpy(), num_labels),
                     colourise(batch["mask"][i].cpu().numpy(), num_labels),
                 ]
-                panels.append(_row([t for t in tiles if t is not None]))
+                panels.append(_row(tiles))
     model.train()
     result = iou_from_confusion(torch.cat(confusions).sum(0).cpu())
     return {
@@ -259,7 +265,9 @@ def _row(images: list[Image.Image], size: int = 128) -> Image.Image:
     return row
 
 
-def train_segmenter(args, accelerator, train_spec: DataSpec, eval_spec: DataSpec, image_size, num_channels, name):
+def train_segmenter(
+    args, accelerator, train_spec: DataSpec, eval_spec: DataSpec, image_size, num_channels, name, pseudo_masks=None
+):
     """Train one segmentation model on `train_spec`'s mask column; evaluate on `eval_spec`'s real masks."""
     set_seed(args.seed)
     class_names = eval_spec.class_names
@@ -269,6 +277,12 @@ def train_segmenter(args, accelerator, train_spec: DataSpec, eval_spec: DataSpec
         if not args.seg_model_name_or_path
         else _seg_processor(args.seg_model_name_or_path, image_size)
     )
+    if num_channels != len(processor.image_mean):
+        processor.image_mean, processor.image_std, processor.do_rescale = (
+            [0.0] * num_channels,
+            [1.0] * num_channels,
+            False,
+        )
     mean, std = processor.image_mean, processor.image_std
     size = (image_size, image_size)
     train_encoder = ExampleEncoder(train_spec, num_channels, size, mean, std)
@@ -346,7 +360,15 @@ def train_segmenter(args, accelerator, train_spec: DataSpec, eval_spec: DataSpec
         if completed >= max_steps:
             break
     metrics, panels = evaluate_segmenter(
-        model, eval_loader, accelerator, len(class_names), args.num_visualizations, class_names, mean, std
+        model,
+        eval_loader,
+        accelerator,
+        len(class_names),
+        args.num_visualizations,
+        class_names,
+        mean,
+        std,
+        pseudo_masks,
     )
     logger.info(f"{name} segmentation: mIoU {metrics['mean_iou']:.4f}")
     return accelerator.unwrap_model(model), processor, metrics, panels
@@ -393,7 +415,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = {}
     if accelerator.is_main_process:
         pseudo_train, report = generate_pseudo_masks(stage1, spec, args.train_split, args, accelerator)
-        datasets.DatasetDict({args.train_split: pseudo_train}).save_to_disk(pseudo_dir)
+        pseudo_val, val_report = generate_pseudo_masks(stage1, spec, args.validation_split, args, accelerator)
+        report.update({f"validation_{k}": v for k, v in val_report.items() if k.startswith("pseudo_mask")})
+        splits = {args.train_split: pseudo_train, args.validation_split: pseudo_val}
+        datasets.DatasetDict(splits).save_to_disk(pseudo_dir)
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "pseudo_mask_results.json"), "w") as handle:
             json.dump(report, handle, indent=2)
@@ -416,8 +441,12 @@ def main(argv: list[str] | None = None) -> dict:
         spec, dataset=pseudo, mask_column="pseudo_mask", labels_column=None, labels_format="mask",
         source=f"pseudo-masks of {spec.source}",
     )  # fmt: skip
+    first = pseudo[args.validation_split].select(
+        range(min(args.num_visualizations, len(pseudo[args.validation_split])))
+    )
+    shown = [np.asarray(example["pseudo_mask"].resize((image_size, image_size), Image.NEAREST)) for example in first]
     model, processor, metrics, panels = train_segmenter(
-        args, accelerator, weak_spec, spec, image_size, num_channels, "weak"
+        args, accelerator, weak_spec, spec, image_size, num_channels, "weak", shown
     )
     results = {
         "segmentation_mean_iou": metrics["mean_iou"],

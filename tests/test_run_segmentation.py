@@ -48,7 +48,8 @@ def test_end_to_end_with_tta_and_baseline(stage1, tmp_path):
         assert 0.0 <= results[key] <= 1e6, key
     assert results["pseudo_label_source"] == "labels"
     saved = datasets.load_from_disk(str(out / "pseudo_masks"))
-    assert list(saved) == ["train"] and len(saved["train"]) == 48
+    assert list(saved) == ["train", "validation"] and len(saved["train"]) == 48 and len(saved["validation"]) == 16
+    assert 0.0 <= results["validation_pseudo_mask_mean_iou"] <= 1.0
     assert {"image", "pseudo_mask", "mask", "labels"} <= set(saved["train"].column_names)
     assert isinstance(saved["train"].features["pseudo_mask"], datasets.Image)
     example = saved["train"][0]
