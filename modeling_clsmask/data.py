@@ -7,6 +7,7 @@ module uses `datasets`; it is not part of the remote-code files copied into chec
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -213,23 +214,19 @@ def drop_undecodable(spec: DataSpec) -> DataSpec:
         for column in image_columns[1:]:
             raw = raw.cast_column(column, datasets.Image(decode=False))
 
-        def decodable(example) -> bool:
+        def decodable(example) -> dict:
             for column in image_columns:
                 value = example[column]
+                source = value["path"] if value.get("bytes") is None else io.BytesIO(value["bytes"])
                 try:
-                    with Image.open(
-                        value["path"] if value.get("bytes") is None else __import__("io").BytesIO(value["bytes"])
-                    ) as img:
+                    with Image.open(source) as img:
                         img.load()
                 except Exception:  # noqa: BLE001 - any decoding failure means "skip this example"
-                    return False
-            return True
+                    return {"_ok": False}
+            return {"_ok": True}
 
-        keep = [
-            i
-            for i, ok in enumerate(raw.map(lambda ex: {"_ok": decodable(ex)}, remove_columns=raw.column_names)["_ok"])
-            if ok
-        ]
+        flags = raw.map(decodable, remove_columns=raw.column_names, desc=f"checking images ({name})")["_ok"]
+        keep = [i for i, ok in enumerate(flags) if ok]
         skipped = len(split) - len(keep)
         if skipped:
             logger.warning(

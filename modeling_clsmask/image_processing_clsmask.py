@@ -82,9 +82,9 @@ class ClsMaskImageProcessor(PilBackend):
         """Pseudo-masks (paper, Sec. 3) as a list of (H, W) label tensors, one per image.
 
         `outputs` is a `ClsMaskSemanticSegmenterOutput`; the classes used are `outputs.present` (predicted, or the
-        given image labels). `target_sizes` gives each image's (H, W); default: the logits' size times the patch
-        size cannot be known here, so the maps' own resolution is used. `background_threshold=-1.0` (default)
-        means "use this processor's setting"; pass `None` to force every pixel to a foreground class.
+        given image labels). `target_sizes` gives each image's (H, W); without it, masks have the class maps' own
+        (patch-grid) resolution. `background_threshold=-1.0` (default) means "use this processor's setting";
+        pass `None` to force every pixel to a foreground class.
         """
         if background_threshold is not None and background_threshold < 0:
             background_threshold = self.background_threshold
