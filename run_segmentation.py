@@ -54,7 +54,7 @@ from modeling_clsmask.data import (
 )
 from modeling_clsmask.metrics import confusion_matrices, iou_from_confusion
 from modeling_clsmask.model_card import write_model_card
-from modeling_clsmask.visualization import colourise, stack_rows
+from modeling_clsmask.visualization import colourise, stack_rows, titled_row
 from run_pretrain import find_checkpoint, push_folder, save_checkpoint, to_display_image
 
 
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     seg.add_argument("--per_device_eval_batch_size", type=int, default=64)
     seg.add_argument("--learning_rate", type=float, default=1e-3)
     seg.add_argument("--weight_decay", type=float, default=0.01)
-    seg.add_argument("--num_train_epochs", type=int, default=3)
+    seg.add_argument("--num_train_epochs", type=int, default=8)
     seg.add_argument("--max_train_steps", type=int)
     seg.add_argument("--gradient_accumulation_steps", type=int, default=1)
     seg.add_argument("--lr_scheduler_type", default="cosine")
@@ -241,14 +241,14 @@ def evaluate_segmenter(
         if accelerator.is_main_process and len(panels) < num_visualizations:
             for i in range(min(num_visualizations - len(panels), prediction.shape[0])):
                 index = len(panels)
-                tiles = [to_display_image(batch["pixel_values"][i], mean, std)]
+                tiles = [("image", to_display_image(batch["pixel_values"][i], mean, std))]
                 if pseudo_masks is not None and index < len(pseudo_masks):
-                    tiles.append(colourise(pseudo_masks[index], num_labels))
+                    tiles.append(("pseudo-mask", colourise(pseudo_masks[index], num_labels)))
                 tiles += [
-                    colourise(prediction[i].cpu().numpy(), num_labels),
-                    colourise(batch["mask"][i].cpu().numpy(), num_labels),
+                    ("prediction", colourise(prediction[i].cpu().numpy(), num_labels)),
+                    ("ground truth", colourise(batch["mask"][i].cpu().numpy(), num_labels)),
                 ]
-                panels.append(_row(tiles))
+                panels.append(titled_row(tiles))
     model.train()
     result = iou_from_confusion(torch.cat(confusions).sum(0).cpu())
     return {
@@ -256,13 +256,6 @@ def evaluate_segmenter(
         "per_class_iou": dict(zip(class_names, result["per_class_iou"])),
         "pixel_accuracy": result["pixel_accuracy"],
     }, panels
-
-
-def _row(images: list[Image.Image], size: int = 128) -> Image.Image:
-    row = Image.new("RGB", (size * len(images), size), "white")
-    for i, image in enumerate(images):
-        row.paste(image.convert("RGB").resize((size, size), Image.NEAREST), (i * size, 0))
-    return row
 
 
 def train_segmenter(

@@ -88,17 +88,20 @@ def attention_panel(
 ) -> Image.Image:
     """One row: image, the attention map of each class in `classes`, pseudo-mask, ground truth (if given)."""
     maps = class_maps.detach().float().cpu().numpy() if isinstance(class_maps, torch.Tensor) else class_maps
-    tiles = [_tile(image, "image", tile_size)]
-    tiles += [_tile(heatmap(maps[c]), class_names[c], tile_size) for c in classes]
+    tiles = [("image", image)] + [(class_names[c], heatmap(maps[c])) for c in classes]
     if pseudo_mask is not None:
-        tiles.append(_tile(colourise(pseudo_mask, len(class_names)), "pseudo-mask", tile_size))
+        tiles.append(("pseudo-mask", colourise(pseudo_mask, len(class_names))))
     if ground_truth is not None:
-        tiles.append(_tile(colourise(ground_truth, len(class_names)), "ground truth", tile_size))
-    panel = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
-    x = 0
-    for tile in tiles:
-        panel.paste(tile, (x, 0))
-        x += tile.width
+        tiles.append(("ground truth", colourise(ground_truth, len(class_names))))
+    return titled_row(tiles, tile_size)
+
+
+def titled_row(tiles: list[tuple[str, Image.Image]], tile_size: int = 128) -> Image.Image:
+    """Pictures side by side, each resized to `tile_size` with its title above."""
+    rendered = [_tile(image, title, tile_size) for title, image in tiles]
+    panel = Image.new("RGB", (sum(t.width for t in rendered), rendered[0].height), "white")
+    for i, tile in enumerate(rendered):
+        panel.paste(tile, (i * tile.width, 0))
     return panel
 
 
@@ -112,4 +115,13 @@ def stack_rows(rows: list[Image.Image]) -> Image.Image:
     return out
 
 
-__all__ = ["attention_panel", "colourise", "draw_segments", "heatmap", "overlay", "palette", "stack_rows"]
+__all__ = [
+    "attention_panel",
+    "colourise",
+    "draw_segments",
+    "heatmap",
+    "overlay",
+    "palette",
+    "stack_rows",
+    "titled_row",
+]
