@@ -636,6 +636,10 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         output_class_maps: also return (B, C, h, w) class maps (and the per-layer class attention rows).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         diversity = self.training and labels is not None and self.config.diversity_loss_coefficient > 0
         output_class_maps = output_class_maps or diversity
         outputs = self.clsmask(

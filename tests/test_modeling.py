@@ -280,3 +280,9 @@ def test_diversity_loss():
     torch.manual_seed(1)
     without = model(torch.ones(2, 3, 32, 32), labels=labels).loss
     assert with_div > without
+
+
+def test_config_output_attentions_gives_full_last_layer():
+    model = ClsMaskForMultiLabelClassification(tiny_config(output_attentions=True)).eval()
+    out = model(torch.randn(1, 3, 32, 32))
+    assert [a.shape[-2] for a in out.attentions] == [20, 20]  # full T x T rows in every layer, last one included
