@@ -282,17 +282,44 @@ def find_checkpoint(resume_from_checkpoint: str, root: str) -> str:
     )
 
 
+def make_accelerator(args) -> Accelerator:
+    """The Accelerator both scripts use: seedable sampler (per-epoch order from the seed), tracking, precision."""
+    kwargs = {"gradient_accumulation_steps": args.gradient_accumulation_steps}
+    if args.with_tracking:
+        kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
+    if args.mixed_precision:
+        kwargs["mixed_precision"] = args.mixed_precision
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kwargs)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    return accelerator
+
+
+def make_schedule(args, optimizer, train_loader, accelerator) -> tuple[int, int, int, object]:
+    """(steps per epoch, max steps, epochs, lr scheduler) from --max_train_steps or --num_train_epochs."""
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=int(args.warmup_ratio * max_steps) * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    return steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch), scheduler
+
+
+def resume(accelerator, path: str, steps_per_epoch: int, gradient_accumulation_steps: int) -> tuple[int, int, int]:
+    """Load a step_N / epoch_N checkpoint; returns (completed steps, epoch to start, batches to skip in it)."""
+    accelerator.print(f"Resumed from checkpoint: {path}")
+    accelerator.load_state(path)
+    kind, number = os.path.basename(os.path.normpath(path)).split("_")
+    completed = (int(number) + 1) * steps_per_epoch if kind == "epoch" else int(number)
+    resume_step = (completed % steps_per_epoch) * gradient_accumulation_steps
+    return completed, completed // steps_per_epoch, resume_step
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator_kwargs = {"gradient_accumulation_steps": args.gradient_accumulation_steps}
-    if args.with_tracking:
-        accelerator_kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
-    if args.mixed_precision:
-        accelerator_kwargs["mixed_precision"] = args.mixed_precision
-    accelerator = Accelerator(
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **accelerator_kwargs
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(args)
     logger.info(accelerator.state, main_process_only=False)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
@@ -345,15 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(groups, lr=args.learning_rate)
 
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=int(args.warmup_ratio * args.max_train_steps) * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    steps_per_epoch, args.max_train_steps, args.num_train_epochs, scheduler = make_schedule(
+        args, optimizer, train_loader, accelerator
     )
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
@@ -376,16 +396,9 @@ def main(argv: list[str] | None = None) -> dict:
     completed_steps, starting_epoch, resume_step = 0, 0, 0
     if args.resume_from_checkpoint:
         path = find_checkpoint(args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints"))
-        accelerator.print(f"Resumed from checkpoint: {path}")
-        accelerator.load_state(path)
-        name = os.path.basename(os.path.normpath(path))
-        if name.startswith("epoch_"):
-            starting_epoch = int(name.split("_")[1]) + 1
-            completed_steps = starting_epoch * steps_per_epoch
-        else:
-            completed_steps = int(name.split("_")[1])
-            starting_epoch = completed_steps // steps_per_epoch
-            resume_step = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+        completed_steps, starting_epoch, resume_step = resume(
+            accelerator, path, steps_per_epoch, args.gradient_accumulation_steps
+        )
 
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(

@@ -7,8 +7,9 @@
     accelerate launch run_segmentation.py --model_name_or_path <hub id> --voc_root VOCdevkit/VOC2012 \\
         --seg_model_name_or_path nvidia/mit-b0
 
-1. Pseudo-masks for the training split, batched, from the image-level labels when the dataset has them (the usual
-   WSSS protocol) or from predictions otherwise, with optional multi-scale / flip test-time augmentation; saved as a
+1. Pseudo-masks for the training split, batched, from the image-level labels (the usual WSSS protocol; labels come
+   from a labels column or the masks) or, with `--pseudo_label_source predictions`, from the model's predictions,
+   with optional multi-scale / flip test-time augmentation; saved as a
    `datasets` dataset (image + pseudo_mask) with `save_to_disk` (and `--push_pseudo_masks_to_hub`).
 2. A SegFormer (small config from scratch, or `--seg_model_name_or_path`) trained on them with Accelerate and
    evaluated (mIoU, per class) on the validation split's real masks; `--fully_supervised_baseline` trains the same
@@ -20,17 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import math
 import os
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import set_seed
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -39,7 +37,6 @@ from transformers import (
     SegformerConfig,
     SegformerForSemanticSegmentation,
     SegformerImageProcessorPil,
-    get_scheduler,
 )
 
 from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor, masks_from_class_maps
@@ -55,7 +52,15 @@ from modeling_clsmask.data import (
 from modeling_clsmask.metrics import confusion_matrices, iou_from_confusion
 from modeling_clsmask.model_card import write_model_card
 from modeling_clsmask.visualization import colourise, stack_rows, titled_row
-from run_pretrain import find_checkpoint, push_folder, save_checkpoint, to_display_image
+from run_pretrain import (
+    find_checkpoint,
+    make_accelerator,
+    make_schedule,
+    push_folder,
+    resume,
+    save_checkpoint,
+    to_display_image,
+)
 
 
 logger = get_logger(__name__)
@@ -152,10 +157,9 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
     limit = args.max_train_samples if split == args.train_split else args.max_eval_samples
     if limit:
         data = data.select(range(min(limit, len(data))))
-    has_labels = spec.labels_column is not None or spec.labels_format == "mask"
-    source = args.pseudo_label_source
-    if source == "auto":
-        source = "labels" if has_labels else "predictions"
+    # Every dataset the scripts accept has image labels (a labels column, or masks they are derived from), so
+    # "auto" means the WSSS protocol: paint the given labels.
+    source = "labels" if args.pseudo_label_source == "auto" else args.pseudo_label_source
     background = config.background_threshold
     if args.background_threshold is not None and args.background_threshold >= 0:
         background = args.background_threshold
@@ -294,15 +298,7 @@ def train_segmenter(
         eval_data.with_transform(eval_encoder), collate_fn=collate, batch_size=args.per_device_eval_batch_size
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    epochs = math.ceil(max_steps / steps_per_epoch)
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=int(args.warmup_ratio * max_steps) * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )
+    steps_per_epoch, max_steps, epochs, scheduler = make_schedule(args, optimizer, train_loader, accelerator)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
@@ -310,11 +306,9 @@ def train_segmenter(
     completed, start_epoch, resume_step = 0, 0, 0
     if args.resume_from_checkpoint and name == "weak":
         path = find_checkpoint(args.resume_from_checkpoint, checkpoint_root)
-        accelerator.load_state(path)
-        completed = int(os.path.basename(path).split("_")[1])
-        if os.path.basename(path).startswith("epoch_"):
-            completed = (completed + 1) * steps_per_epoch
-        start_epoch, resume_step = completed // steps_per_epoch, completed % steps_per_epoch
+        completed, start_epoch, resume_step = resume(
+            accelerator, path, steps_per_epoch, args.gradient_accumulation_steps
+        )
     step_every = (
         int(args.checkpointing_steps) if args.checkpointing_steps and args.checkpointing_steps.isdigit() else None
     )
@@ -377,13 +371,7 @@ def _seg_processor(name_or_path: str, image_size: int):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    kwargs = {"gradient_accumulation_steps": args.gradient_accumulation_steps}
-    if args.with_tracking:
-        kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
-    if args.mixed_precision:
-        kwargs["mixed_precision"] = args.mixed_precision
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kwargs)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(args)
     set_seed(args.seed)
     if args.with_tracking:
         accelerator.init_trackers(
