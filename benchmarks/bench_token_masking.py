@@ -1,13 +1,20 @@
-"""The paper's central ablation on the built-in dataset: token masking vs none vs masking + head gates.
+"""The design ablation on both generators, several seeds: token masking, head gates, and the paper's configuration.
 
-Same data, seed and number of steps for each variant; metrics are measured on the built-in *test* split (never used
-to choose any setting):
+    python benchmarks/bench_token_masking.py                      # 2 generators x 3 seeds, about 50 minutes (2 cores)
+    python benchmarks/bench_token_masking.py --seeds 0 --generators glyphs --variants shipped masking
 
-    python benchmarks/bench_token_masking.py [--epochs 12] [--output_dir outputs/bench_token_masking]
+Each run trains `run_pretrain.py` from scratch on 3000 generated training images (64 px) for `--epochs` epochs with
+the shipped defaults plus the variant's flags, and is scored on that generator's *test* split (no setting was chosen
+on it). Variants:
+- `shipped`: the defaults (conv stem, fan-in init, shared readout, maps from block 0, no token masking);
+- `masking`: the same with class-specific token masking r = 0.5 (the paper's rate);
+- `gates`: the same with Hard Concrete head gates started at log_alpha 0 (the public code's start), L0 0.01;
+- `paper`: the paper's configuration (`--recipe paper`: patchify stem, ViT init, flattened readout, masking 0.5,
+  maps summed over all blocks).
 
-Prints one table: pseudo-mask mIoU (image labels), classification mAP, class-assignment accuracy (over images with
-at least two classes: the share of present classes whose own attention map overlaps their true region more than the
-other present classes' maps do; 0.5 is chance for two-object images), and the open-gate fraction.
+Prints, per generator and variant, mean and spread (min-max) over seeds of pseudo-mask mIoU, class assignment with
+that split's chance level, mAP and the share of closed heads; every run's metrics go to `results.json`, which is
+updated after each run (re-running skips the runs already there).
 """
 
 from __future__ import annotations
@@ -15,58 +22,96 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import run_pretrain  # noqa: E402
 
 
 VARIANTS = {
-    "token masking r=0.5": ["--token_mask_rate", "0.5"],
-    "no masking r=0": ["--token_mask_rate", "0.0"],
-    "masking r=0.5 + head gates": ["--token_mask_rate", "0.5", "--use_head_gates"],
+    "shipped": [],
+    "masking": ["--token_mask_rate", "0.5"],
+    "gates": ["--use_head_gates", "--gate_log_alpha_init", "0"],
+    "paper": ["--recipe", "paper"],
 }
+GENERATORS = ("shapes-random-colour", "glyphs")
+METRICS = (
+    ("pseudo-mask mIoU", "test_pseudo_mask_mean_iou"),
+    ("class assignment", "test_class_assignment_accuracy"),
+    ("chance", "test_class_assignment_chance"),
+    ("mAP", "test_mAP"),
+    ("heads closed", "closed_gate_fraction"),
+)
 
 
-def main():
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--train_size", type=int, default=3000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--generators", nargs="+", default=list(GENERATORS), choices=list(GENERATORS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--single_seed_variants",
+        nargs="*",
+        default=["gates", "paper"],
+        help="Variants run with the first seed only (to fit the time budget).",
+    )
     parser.add_argument("--output_dir", default="outputs/bench_token_masking")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More run_pretrain.py arguments.")
-    args = parser.parse_args()
-    rows = {}
-    for name, flags in VARIANTS.items():
-        folder = os.path.join(args.output_dir, name.split()[0] + ("_gates" if "gates" in name else "") + flags[1])
-        metrics = run_pretrain.main(
-            [
-                "--num_train_epochs",
-                str(args.epochs),
-                "--seed",
-                str(args.seed),
-                "--output_dir",
-                folder,
-                "--num_visualizations",
-                "4",
-                *flags,
-                *args.extra,
-            ]  # fmt: skip
-        )
-        rows[name] = metrics
-    with open(os.path.join(args.output_dir, "results.json"), "w") as handle:
-        json.dump(rows, handle, indent=2)
-    print(f"\nbuilt-in shapes, test split, {args.epochs} epochs, seed {args.seed}")
-    header = f"{'variant':<30}{'pseudo-mask mIoU':>18}{'mAP':>8}{'class assignment':>18}{'open gates':>12}"
+    args = parser.parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    results_path = os.path.join(args.output_dir, "results.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    for generator in args.generators:
+        for variant in args.variants:
+            seeds = args.seeds[:1] if variant in args.single_seed_variants else args.seeds
+            for seed in seeds:
+                key = f"{generator}/{variant}/{seed}"
+                if key in results:
+                    continue
+                folder = os.path.join(args.output_dir, generator, variant, f"seed{seed}")
+                metrics = run_pretrain.main(
+                    [
+                        "--synthetic_generator", generator,
+                        "--train_size", str(args.train_size),
+                        "--num_train_epochs", str(args.epochs),
+                        "--eval_every_epochs", str(args.epochs),
+                        "--seed", str(seed),
+                        "--output_dir", folder,
+                        *VARIANTS[variant],
+                        *args.extra,
+                    ]  # fmt: skip
+                )
+                if "open_gate_fraction" in metrics:
+                    metrics["closed_gate_fraction"] = 1.0 - metrics["open_gate_fraction"]
+                results[key] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                with open(results_path, "w") as handle:
+                    json.dump(results, handle, indent=2)
+
+    print(f"\n{args.train_size} training images, {args.epochs} epochs, test split; mean (min-max) over seeds")
+    header = f"{'generator':<22}{'variant':<10}{'seeds':>6}" + "".join(f"{name:>26}" for name, _ in METRICS)
     print(header)
     print("-" * len(header))
-    for name, m in rows.items():
-        gates = m.get("open_gate_fraction")
-        print(
-            f"{name:<30}{m['test_pseudo_mask_mean_iou']:>18.4f}{m['test_mAP']:>8.4f}"
-            f"{m['test_class_assignment_accuracy']:>18.4f}{'' if gates is None else f'{gates:.2f}':>12}"
-        )
+    for generator in args.generators:
+        for variant in args.variants:
+            runs = [m for k, m in results.items() if k.startswith(f"{generator}/{variant}/")]
+            if not runs:
+                continue
+            cells = [spread([m[key] for m in runs if key in m]) for _, key in METRICS]
+            print(f"{generator:<22}{variant:<10}{len(runs):>6}" + "".join(f"{c:>26}" for c in cells))
+    return results
 
 
 if __name__ == "__main__":

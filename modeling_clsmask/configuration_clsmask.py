@@ -22,13 +22,38 @@ class ClsMaskConfig(PreTrainedConfig):
         l0_penalty (`float`): weight of the expected number of open gates in the loss.
         attention_map_layers (`int`): how many of the last layers' class-to-patch attention are summed into the
             class maps used for pseudo-masks.
+        attention_map_layer_ids (`list[int]`, *optional*): explicit block indices (0 = first) whose class attention
+            is summed instead of the last `attention_map_layers`. In a from-scratch model the first block's class
+            queries are fixed templates matched against the stem's local features, and its maps are the most
+            class-specific (measured, see README); later blocks' class attention reads already-mixed patches.
         class_threshold (`float`): probability at which a class counts as predicted.
         background_threshold (`float`, *optional*): `None` means every pixel gets a foreground class (as in
             DFC2020). A float makes pixels whose best normalised class score is below it background.
         background_label_id (`int`): label id used for background when `background_threshold` is set. Its class
             token is never used to paint pixels.
         diversity_loss_coefficient (`float`): weight of the public code's optional diversity loss (not in the
-            paper): `||G - I||_F` of the Gram matrix of the L2-normalised class maps, pushing class maps apart.
+            paper): `||G - I||_F` of the Gram matrix of the L2-normalised maps of the classes present in the image,
+            pushing the maps of co-occurring classes apart.
+        patch_embedding_type (`str`): `"conv"`: a small convolutional stem (3x3 stride-2 convolutions with batch
+            norm and ReLU down to the patch grid, then a 1x1 projection), which lets a ViT trained from scratch on a
+            few thousand images learn shape rather than colour; `"patchify"`: the single patch convolution of ViT,
+            needed to load ViT/DeiT weights.
+        conv_stem_depth (`int`): 3x3 convolutions per resolution of the convolutional stem (the first strided).
+        classifier_type (`str`): `"shared"`: `logit_c = w . t_c + b_c`, one readout vector shared by every class
+            token (t_c after the final layer norm), so each token must hold the evidence of its own class;
+            `"flatten"`: the paper's Linear over all C class-token outputs flattened.
+        weight_init (`str`): `"fan_in"`: PyTorch's default fan-in uniform init for Linear and Conv layers, which
+            trains from scratch; `"normal"`: transformers' ViT init (normal with std `initializer_range`, zero bias),
+            which matters only where pretrained weights do not overwrite it.
+        class_token_isolation (`bool`): class-token queries attend only to the patch tokens and to themselves, not
+            to other class tokens or [REG] tokens.
+        patch_dropout (`float`): share of patch tokens dropped at random per image in training (hide-and-seek: class
+            tokens must attend to every patch of their class, not only the most telling one).
+        class_token_layers (`int`, *optional*): the class tokens join only the last `class_token_layers` blocks
+            (as in CaiT's class attention): the blocks before run on patch and register tokens alone, so the class
+            tokens read patches that already know their object. `None`: every block (the paper).
+        gate_log_alpha_init (`float`): initial Hard Concrete `log_alpha`: 3 starts every gate open and nearly
+            deterministic, 0 (the public code) starts them stochastic so pruning shows in short runs.
     """
 
     model_type = "clsmask"
@@ -54,10 +79,19 @@ class ClsMaskConfig(PreTrainedConfig):
     gate_limit_high: float = 1.1
     l0_penalty: float = 0.01
     attention_map_layers: int = 1
+    attention_map_layer_ids: list[int] | None = None
     class_threshold: float = 0.5
     background_threshold: float | None = None
     background_label_id: int = 0
     diversity_loss_coefficient: float = 0.0
+    patch_embedding_type: str = "conv"
+    conv_stem_depth: int = 1
+    classifier_type: str = "shared"
+    weight_init: str = "fan_in"
+    class_token_isolation: bool = False
+    patch_dropout: float = 0.0
+    class_token_layers: int | None = None
+    gate_log_alpha_init: float = 3.0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, (list, tuple)):
@@ -78,15 +112,39 @@ class ClsMaskConfig(PreTrainedConfig):
         height, width = self.image_grid_size
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}.")
+        for name, allowed in (
+            ("patch_embedding_type", ("conv", "patchify")),
+            ("classifier_type", ("shared", "flatten")),
+            ("weight_init", ("fan_in", "normal")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.num_channels < 1:
             raise ValueError(f"num_channels must be at least 1, got {self.num_channels}.")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must lie in [0, 1), got {self.patch_dropout}.")
         if not 0.0 <= self.token_mask_rate <= 1.0:
             raise ValueError(f"token_mask_rate must lie in [0, 1], got {self.token_mask_rate}.")
-        if not 1 <= self.attention_map_layers <= self.num_hidden_layers:
+        if self.class_token_layers is not None and not 1 <= self.class_token_layers <= self.num_hidden_layers:
             raise ValueError(
-                f"attention_map_layers must lie in [1, num_hidden_layers={self.num_hidden_layers}], "
+                f"class_token_layers must lie in [1, num_hidden_layers={self.num_hidden_layers}] or be None, "
+                f"got {self.class_token_layers}."
+            )
+        joined = self.class_token_layers or self.num_hidden_layers
+        if not 1 <= self.attention_map_layers <= joined:
+            raise ValueError(
+                f"attention_map_layers must lie in [1, {joined}] (the blocks the class tokens take part in), "
                 f"got {self.attention_map_layers}."
             )
+        if self.attention_map_layer_ids is not None:
+            self.attention_map_layer_ids = [int(i) for i in self.attention_map_layer_ids]
+            first = self.num_hidden_layers - joined
+            bad = [i for i in self.attention_map_layer_ids if not first <= i < self.num_hidden_layers]
+            if bad or not self.attention_map_layer_ids:
+                raise ValueError(
+                    f"attention_map_layer_ids must be a non-empty list of block indices in [{first}, "
+                    f"{self.num_hidden_layers - 1}] (blocks with class tokens), got {self.attention_map_layer_ids}."
+                )
         if not self.gate_limit_low < 0.0 < 1.0 < self.gate_limit_high:
             raise ValueError("Hard Concrete stretch limits must satisfy gate_limit_low < 0 < 1 < gate_limit_high.")
         if self.background_threshold is not None and not 0 <= self.background_label_id < self.num_labels:

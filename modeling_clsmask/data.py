@@ -260,8 +260,10 @@ def load_data(args) -> DataSpec:
 
         splits = {"train": args.train_size, "validation": args.validation_size, "test": args.validation_size}
         spec = resolve_dataset(
-            build_synthetic_dataset(splits, image_size=args.synthetic_image_size, seed=args.data_seed),
-            "clsmask/synthetic-shapes",
+            build_synthetic_dataset(
+                splits, image_size=args.synthetic_image_size, seed=args.data_seed, generator=args.synthetic_generator
+            ),
+            f"clsmask/synthetic-{args.synthetic_generator}",
             background_label_id=0,
         )
     return drop_undecodable(spec)
@@ -285,6 +287,12 @@ def add_data_arguments(parser) -> None:
     data.add_argument("--train_size", type=int, default=6000, help="Built-in dataset: training images.")
     data.add_argument("--validation_size", type=int, default=300, help="Built-in dataset: validation/test images.")
     data.add_argument("--synthetic_image_size", type=int, default=64)
+    data.add_argument(
+        "--synthetic_generator",
+        default="shapes-random-colour",
+        choices=["shapes-random-colour", "glyphs", "shapes"],
+        help="Built-in dataset: which generator (see modeling_clsmask/synthetic_shapes.py).",
+    )
     data.add_argument("--data_seed", type=int, default=0)
     data.add_argument("--cache_dir")
 

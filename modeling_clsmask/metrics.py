@@ -78,11 +78,14 @@ def classification_metrics(
 def class_assignment_counts(
     class_maps: torch.Tensor, masks: torch.Tensor, present: torch.Tensor, foreground: list[int]
 ) -> torch.Tensor:
-    """(B, 2) per image: [present classes whose own map overlaps their true region most, present classes counted].
+    """(B, 3) float per image: [present classes whose own map overlaps their true region most, present classes
+    counted, expected correct by chance].
 
     For each present class k, the map of every present class c (normalised to [0, 1] at mask resolution) is averaged
     over the pixels of k's true region; k counts as correct when its own map has the highest average there. Only
-    images with at least two visible present classes count (with one, the answer is trivially right).
+    images with at least two visible present classes count (with one, the answer is trivially right). Chance is not
+    0.5: a region in an image with n visible classes is right by chance with probability 1/n, so the third column
+    sums 1/n over the counted regions (summed over a split and divided by the count, it is that split's chance level).
     """
     maps = F.interpolate(class_maps.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
     flat = maps.flatten(2)
@@ -94,14 +97,32 @@ def class_assignment_counts(
     visible = present[:, foreground].bool() & (area > 0)  # (B, F)
     inside = inside.masked_fill(~visible.unsqueeze(2), -1.0)  # only present classes' maps compete
     own_best = inside.argmax(dim=1) == torch.arange(len(foreground), device=maps.device)
-    counted = visible & (visible.sum(1, keepdim=True) >= 2)
-    return torch.stack([(own_best & counted).sum(1), counted.sum(1)], dim=1)
+    num_visible = visible.sum(1, keepdim=True)
+    counted = visible & (num_visible >= 2)
+    chance = (counted.float() / num_visible.clamp_min(1)).sum(1)
+    return torch.stack([(own_best & counted).sum(1).float(), counted.sum(1).float(), chance], dim=1)
+
+
+def class_assignment_summary(counts: torch.Tensor) -> dict:
+    """Accuracy, chance level and margin above chance from summed `class_assignment_counts` rows."""
+    correct, counted, chance = (float(v) for v in counts.reshape(-1, 3).sum(0))
+    if counted == 0:
+        nan = float("nan")
+        return {"class_assignment_accuracy": nan, "class_assignment_chance": nan, "class_assignment_margin": nan}
+    accuracy, chance = correct / counted, chance / counted
+    return {
+        "class_assignment_accuracy": accuracy,
+        "class_assignment_chance": chance,
+        "class_assignment_margin": accuracy - chance,
+        "class_assignment_regions": int(counted),
+    }
 
 
 __all__ = [
     "IGNORE_INDEX",
     "average_precision",
     "class_assignment_counts",
+    "class_assignment_summary",
     "classification_metrics",
     "confusion_matrices",
     "iou_from_confusion",

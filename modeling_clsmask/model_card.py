@@ -17,8 +17,9 @@ CARD_HYPERPARAMETERS = (
 )  # fmt: skip
 CONFIG_FIELDS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "num_register_tokens", "token_mask_rate", "use_head_gates", "l0_penalty", "attention_map_layers",
-    "background_threshold",
+    "patch_embedding_type", "conv_stem_depth", "classifier_type", "weight_init", "num_register_tokens",
+    "token_mask_rate", "use_head_gates", "l0_penalty", "attention_map_layers", "attention_map_layer_ids",
+    "class_token_layers", "class_token_isolation", "background_threshold",
 )  # fmt: skip
 
 

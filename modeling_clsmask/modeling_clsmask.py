@@ -98,14 +98,53 @@ class ClsMaskSemanticSegmenterOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+def conv_stem_strides(patch_size: int) -> list[int]:
+    """Strides of the convolutional stem: 2 while the patch size allows, then the remaining factor (if any)."""
+    strides, rest = [], patch_size
+    while rest % 2 == 0 and rest > 1:
+        strides.append(2)
+        rest //= 2
+    if rest > 1:
+        strides.append(rest)
+    return strides or [1]
+
+
 class ClsMaskPatchEmbeddings(nn.Module):
-    """Non-overlapping patch projection; checks the input so errors name the problem."""
+    """Patch grid of token vectors from an image; checks the input so errors name the problem.
+
+    `patch_embedding_type="patchify"` is ViT's single patch convolution (`projection`), which ViT/DeiT weights fill.
+    `"conv"` is an early convolutional stem (Xiao et al., 2021, "Early convolutions help transformers see better"):
+    3x3 convolutions with batch norm and ReLU, stride 2 each, down to the patch grid, then a 1x1 `projection`. A ViT
+    trained from scratch on a few thousand images learns colour-independent shape with it and barely at all
+    without it.
+    """
 
     def __init__(self, config: ClsMaskConfig):
         super().__init__()
         self.num_channels = config.num_channels
         self.patch_size = config.patch_size
-        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        hidden = config.hidden_size
+        if config.patch_embedding_type == "patchify":
+            self.stem = None
+            self.projection = nn.Conv2d(config.num_channels, hidden, config.patch_size, config.patch_size)
+            return
+        strides = conv_stem_strides(config.patch_size)
+        layers, channels = [], config.num_channels
+        for index, stride in enumerate(strides):
+            width = max(16, hidden // 2 ** (len(strides) - 1 - index))
+            kernel = 3 if stride <= 2 else stride
+            padding = 1 if stride <= 2 else 0
+            for repeat in range(config.conv_stem_depth):
+                layers += [
+                    nn.Conv2d(channels, width, kernel, stride, padding, bias=False)
+                    if repeat == 0
+                    else nn.Conv2d(width, width, 3, 1, 1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
+                channels = width
+        self.stem = nn.Sequential(*layers)
+        self.projection = nn.Conv2d(channels, hidden, 1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4:
@@ -124,6 +163,8 @@ class ClsMaskPatchEmbeddings(nn.Module):
                 f"Image size {height}x{width} is not divisible by the patch size {self.patch_size}; resize or pad "
                 "the images to a multiple of it."
             )
+        if self.stem is not None:
+            pixel_values = self.stem(pixel_values)
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 
@@ -199,7 +240,7 @@ class ClsMaskHeadGate(nn.Module):
             s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
             soft = (s * (self.high - self.low) + self.low).clamp(0.0, 1.0)
             hard = (soft > 0.5).to(soft.dtype)
-            return hard + soft - soft.detach()
+            return hard + (soft - soft.detach())  # exactly 0 or 1 in value, gradient of soft
         return self.deterministic()
 
     def deterministic(self) -> torch.Tensor:
@@ -259,8 +300,10 @@ class ClsMaskSelfAttention(nn.Module):
         output_class_attentions: bool = False,
         output_attentions: bool = False,
         num_queries: int | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """`num_queries`: attend from the first `num_queries` tokens only (keys and values stay all tokens)."""
+        """`num_queries`: attend from the first `num_queries` tokens only (keys and values stay all tokens).
+        `attention_mask`: additive (1, 1, T, T) mask (0 or a large negative), sliced to the queries used."""
         batch, length, _ = hidden_states.shape
         num_queries = num_queries or length
         shape = (batch, -1, self.num_attention_heads, self.head_dim)
@@ -268,6 +311,8 @@ class ClsMaskSelfAttention(nn.Module):
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
 
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :, :num_queries].to(query.dtype)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -276,7 +321,7 @@ class ClsMaskSelfAttention(nn.Module):
             query,
             key,
             value,
-            None,
+            attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
@@ -288,9 +333,14 @@ class ClsMaskSelfAttention(nn.Module):
         if output_class_attentions:
             num_classes = self.config.num_labels
             scores = torch.matmul(query[:, :, :num_classes], key.transpose(2, 3)) * self.scaling
+            if attention_mask is not None:
+                scores = scores + attention_mask[:, :, :num_classes]
             class_attentions = scores.softmax(dim=-1, dtype=torch.float32)
         if output_attentions and attn_weights is None:
-            attn_weights = (torch.matmul(query, key.transpose(2, 3)) * self.scaling).softmax(-1, dtype=torch.float32)
+            scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            attn_weights = scores.softmax(-1, dtype=torch.float32)
         return attn_output, class_attentions, attn_weights if output_attentions else None
 
     def head_weights(self) -> torch.Tensor:
@@ -333,14 +383,36 @@ class ClsMaskLayer(GradientCheckpointingLayer):
         output_class_attentions: bool = False,
         output_attentions: bool = False,
         num_queries: int | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """With `num_queries`, only the first `num_queries` tokens are updated and returned."""
         attn_output, class_attentions, attentions = self.attention(
-            self.layernorm_before(hidden_states), output_class_attentions, output_attentions, num_queries
+            self.layernorm_before(hidden_states),
+            output_class_attentions,
+            output_attentions,
+            num_queries,
+            attention_mask,
         )
         hidden_states = hidden_states[:, : attn_output.shape[1]] + self.dropout(attn_output)
         hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
         return hidden_states, class_attentions, attentions
+
+
+class ClsMaskClassTokenReadout(nn.Module):
+    """`logit_c = w . t_c + b_c`: one readout vector shared by all class tokens, a bias per class.
+
+    With the paper's flattened Linear every class token can carry the same whole-image summary and the class split
+    happens in the weights; a shared readout leaves the split to the tokens, so each token (and its attention) must
+    follow its own class. A masked (zeroed) token gives exactly `b_c`.
+    """
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.num_labels))
+
+    def forward(self, class_states: torch.Tensor) -> torch.Tensor:
+        return self.dense(class_states).squeeze(-1) + self.bias
 
 
 class ClsMaskPreTrainedModel(PreTrainedModel):
@@ -373,6 +445,14 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
+        if self.config.weight_init == "fan_in" and isinstance(module, (nn.Linear, nn.Conv2d)):
+            # PyTorch's own default (uniform, bound 1/sqrt(fan_in)): with transformers' std 0.02 a small ViT
+            # trained from scratch stays at the label prior; with this it learns (measured, see README).
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                init.uniform_(module.bias, -bound, bound)
         if isinstance(module, ClsMaskEmbeddings):
             for param in (module.class_tokens, module.class_position_embeddings, module.position_embeddings):
                 init.trunc_normal_(param, mean=0.0, std=std)
@@ -380,8 +460,10 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.register_tokens, mean=0.0, std=std)
                 init.trunc_normal_(module.register_position_embeddings, mean=0.0, std=std)
         elif isinstance(module, ClsMaskHeadGate):
-            # log_alpha = 3 opens every gate fully at the start (eval value clip(1.04) = 1).
-            init.constant_(module.log_alpha, 3.0)
+            # 3 opens every gate fully at the start (eval value clip(1.04) = 1); 0 is the public code's start.
+            init.constant_(module.log_alpha, self.config.gate_log_alpha_init)
+        elif isinstance(module, ClsMaskClassTokenReadout):
+            init.zeros_(module.bias)
 
     @classmethod
     def from_vit_pretrained(
@@ -423,7 +505,12 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
         if id2label is not None:
             fields["id2label"] = {int(k): v for k, v in id2label.items()}
             fields["label2id"] = {v: int(k) for k, v in id2label.items()}
+        fields["patch_embedding_type"] = "patchify"  # the only stem ViT/DeiT weights fill
         fields.update(overrides)
+        if fields["patch_embedding_type"] != "patchify":
+            raise ValueError(
+                "from_vit_pretrained loads ViT's patch projection: patch_embedding_type must be 'patchify'."
+            )
         model = cls(ClsMaskConfig(**fields))
         model.load_vit_weights(source)
         return model
@@ -472,12 +559,36 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
         return maps.reshape(-1, num_classes, *grid)
 
 
-def diversity_loss(class_maps: torch.Tensor) -> torch.Tensor:
-    """Mean over images of ||G - I||_F, G the Gram matrix of the L2-normalised flattened class maps (C x C)."""
+def diversity_loss(class_maps: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over images of ||G - I||_F, G the Gram matrix of the L2-normalised flattened class maps (C x C).
+
+    With `present` (B, C), only pairs of classes present in the image count: pushing apart the maps of classes that
+    are not in the image (as the public code does) spends the loss on maps nobody uses.
+    """
     flat = nn.functional.normalize(class_maps.flatten(2).float(), dim=-1)
     gram = flat @ flat.transpose(1, 2)
     eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-    return (gram - eye).flatten(1).norm(dim=1).mean()
+    difference = gram - eye
+    if present is not None:
+        present = present.bool().float()
+        difference = difference * (present.unsqueeze(2) * present.unsqueeze(1))
+    return difference.flatten(1).norm(dim=1).mean()
+
+
+def class_token_isolation_mask(
+    num_classes: int, num_patches: int, num_registers: int, device: torch.device
+) -> torch.Tensor:
+    """Additive (1, 1, T, T) mask, 0 or the float32 minimum: class-token queries see the patches and themselves only.
+
+    Rows of patch and [REG] queries are not masked. Order: class tokens, patches, registers.
+    """
+    length = num_classes + num_patches + num_registers
+    rows = torch.arange(length, device=device).view(-1, 1)
+    cols = torch.arange(length, device=device).view(1, -1)
+    is_patch = (cols >= num_classes) & (cols < num_classes + num_patches)
+    blocked = (rows < num_classes) & ~is_patch & (rows != cols)
+    mask = torch.zeros(length, length, device=device)
+    return mask.masked_fill(blocked, torch.finfo(torch.float32).min)[None, None]
 
 
 def patch_grid(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
@@ -503,12 +614,23 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
 
+    def first_class_token_layer(self) -> int:
+        """Index of the first block the class tokens take part in (0 unless `class_token_layers` is set)."""
+        joined = self.config.class_token_layers or self.config.num_hidden_layers
+        return self.config.num_hidden_layers - joined
+
     def class_attention_layers(self, num_layers: int | None = None) -> list[int]:
-        """Indices of the last `num_layers` (default `config.attention_map_layers`) blocks."""
+        """Indices of the blocks whose class attention makes the maps: the last `num_layers` when given, else
+        `config.attention_map_layer_ids` when set, else the last `config.attention_map_layers`."""
+        if num_layers is None and self.config.attention_map_layer_ids:
+            return sorted(int(i) for i in self.config.attention_map_layer_ids)
         num_layers = num_layers or self.config.attention_map_layers
         total = self.config.num_hidden_layers
-        if not 1 <= num_layers <= total:
-            raise ValueError(f"attention_map_layers must lie in [1, {total}], got {num_layers}.")
+        available = total - self.first_class_token_layer()
+        if not 1 <= num_layers <= available:
+            raise ValueError(
+                f"attention_map_layers must lie in [1, {available}] (blocks with class tokens), got {num_layers}."
+            )
         return list(range(total - num_layers, total))
 
     def l0_norm(self) -> torch.Tensor | None:
@@ -522,6 +644,24 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         if not self.config.use_head_gates:
             return None
         return torch.stack([layer.attention.head_gate.deterministic().detach() for layer in self.layers])
+
+    def drop_patches(self, hidden_states: torch.Tensor, num_patches: int) -> tuple[torch.Tensor, int]:
+        """Keep a random `1 - patch_dropout` share of the patch tokens of each image (training only).
+
+        Hide-and-seek for class tokens: a class token that cannot count on its single most telling patch being there
+        learns to attend to every patch of its class, which is what a pseudo-mask needs; it also makes the blocks
+        cheaper. Class and register tokens are always kept.
+        """
+        num_classes = self.config.num_labels
+        keep = max(1, round(num_patches * (1.0 - self.config.patch_dropout)))
+        batch, _, dim = hidden_states.shape
+        order = torch.rand(batch, num_patches, device=hidden_states.device).argsort(dim=1)[:, :keep]
+        patches = hidden_states[:, num_classes : num_classes + num_patches]
+        kept = patches.gather(1, (order.sort(dim=1).values).unsqueeze(-1).expand(-1, -1, dim))
+        hidden_states = torch.cat(
+            [hidden_states[:, :num_classes], kept, hidden_states[:, num_classes + num_patches :]], dim=1
+        )
+        return hidden_states, keep
 
     def forward(
         self,
@@ -549,15 +689,37 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         dtype = self.embeddings.patch_embeddings.projection.weight.dtype
         hidden_states = self.embeddings(pixel_values.to(dtype))
         wanted = set(self.class_attention_layers(attention_map_layers)) if output_class_attentions else set()
+        rows, cols = patch_grid(pixel_values, self.config.patch_size)
+        num_patches = rows * cols
+        if self.training and self.config.patch_dropout > 0 and not (output_class_attentions or output_attentions):
+            hidden_states, num_patches = self.drop_patches(hidden_states, num_patches)
+
+        attention_mask = None
+        if self.config.class_token_isolation:
+            attention_mask = class_token_isolation_mask(
+                self.config.num_labels, num_patches, self.config.num_register_tokens, hidden_states.device
+            )
 
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         class_attentions = () if output_class_attentions else None
         last = len(self.layers) - 1
+        num_classes = self.config.num_labels
+        first_class_layer = self.first_class_token_layer()
         for index, layer in enumerate(self.layers):
-            num_queries = self.config.num_labels if class_tokens_only and index == last else None
+            if index < first_class_layer:
+                # Class tokens have not joined yet: the block runs on patches and registers only.
+                rest, _, layer_attentions = layer(hidden_states[:, num_classes:], False, bool(output_attentions))
+                hidden_states = torch.cat([hidden_states[:, :num_classes], rest], dim=1)
+                if output_attentions:
+                    layer_attentions = nn.functional.pad(layer_attentions, (num_classes, 0, num_classes, 0))
+                    all_attentions += (layer_attentions,)
+                if output_hidden_states:
+                    all_hidden += (hidden_states,)
+                continue
+            num_queries = num_classes if class_tokens_only and index == last else None
             hidden_states, layer_class_attentions, layer_attentions = layer(
-                hidden_states, index in wanted, bool(output_attentions), num_queries
+                hidden_states, index in wanted, bool(output_attentions), num_queries, attention_mask
             )
             if index in wanted:
                 class_attentions += (layer_class_attentions,)
@@ -576,12 +738,16 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
 
 
 class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
-    """The paper's classifier: the C class-token outputs, flattened, into one Linear; BCE; token masking."""
+    """Multi-label classifier on the class-token outputs (shared readout, or the paper's flattened Linear); BCE;
+    class-specific token masking in training."""
 
     def __init__(self, config: ClsMaskConfig):
         super().__init__(config)
         self.clsmask = ClsMaskModel(config)
-        self.classifier = nn.Linear(config.num_labels * config.hidden_size, config.num_labels)
+        if config.classifier_type == "shared":
+            self.classifier = ClsMaskClassTokenReadout(config)
+        else:
+            self.classifier = nn.Linear(config.num_labels * config.hidden_size, config.num_labels)
         self.post_init()
 
     def check_labels(self, labels: torch.Tensor, batch: int) -> torch.Tensor:
@@ -610,7 +776,10 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             labels = self.check_labels(labels, batch)
         if self.training and labels is not None and self.config.token_mask_rate > 0:
             class_states = class_states * (~self.token_mask(labels)).unsqueeze(-1).to(class_states.dtype)
-        logits = self.classifier(class_states.flatten(1))
+        if self.config.classifier_type == "shared":
+            logits = self.classifier(class_states)
+        else:
+            logits = self.classifier(class_states.flatten(1))
         loss = l0 = None
         if labels is not None:
             loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
@@ -658,7 +827,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             grid = patch_grid(pixel_values, self.config.patch_size)
             class_maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
         if diversity:
-            loss = loss + self.config.diversity_loss_coefficient * diversity_loss(class_maps)
+            present = self.check_labels(labels, class_maps.shape[0])
+            loss = loss + self.config.diversity_loss_coefficient * diversity_loss(class_maps, present)
         output = ClsMaskClassifierOutput(
             loss=loss,
             logits=logits,

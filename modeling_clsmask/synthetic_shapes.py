@@ -102,21 +102,97 @@ def render_example(
     return (image * 255).round().astype(np.uint8), mask, labels
 
 
+GLYPH_CLASS_NAMES = ["background", "star", "crescent", "chevron", "ellipse", "frame"]
+
+
+def _glyph_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
+    """Boolean mask of one glyph of radius ~r centred at (cy, cx), rotated by `angle` (any angle)."""
+    dy, dx = yy - cy, xx - cx
+    cos, sin = np.cos(angle), np.sin(angle)
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+    if kind == "star":  # five points: radius oscillates between 0.45 r and r with the polar angle
+        rho, phi = np.hypot(u, v), np.arctan2(v, u)
+        edge = r * (0.45 + 0.55 * np.abs(np.cos(2.5 * phi)) ** 2)
+        return rho <= edge
+    if kind == "crescent":
+        return (u**2 + v**2 <= r**2) & ((u - 0.45 * r) ** 2 + v**2 > (0.8 * r) ** 2)
+    if kind == "chevron":  # a thick V
+        arm = np.abs(v) * 0.9 - u
+        return (np.abs(arm) <= 0.28 * r) & (np.abs(v) <= r) & (u <= 0.5 * r)
+    if kind == "ellipse":
+        return (u / r) ** 2 + (v / (0.45 * r)) ** 2 <= 1
+    if kind == "frame":  # a square outline
+        s = 0.85 * r
+        outer = (np.abs(u) <= s) & (np.abs(v) <= s)
+        return outer & ~((np.abs(u) <= 0.55 * s) & (np.abs(v) <= 0.55 * s))
+    raise ValueError(f"unknown glyph {kind!r}")
+
+
+def render_glyphs_example(
+    seed: int, size: int = DEFAULT_IMAGE_SIZE, max_objects: int = 4, radius: tuple[float, float] = (0.13, 0.24)
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A second generator, unlike the built-in one: other shapes (`GLYPH_CLASS_NAMES`), any rotation, smaller
+    objects, 1 to 4 per image, fully random colours (no brightness cue), a two-colour gradient background with
+    blotches instead of strokes. Returns (image uint8 HxWx3, mask uint8 HxW, sorted label ids)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    start, end = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    direction = rng.uniform(0, 2 * np.pi)
+    ramp = ((np.cos(direction) * xx + np.sin(direction) * yy) / size + 1) / 2
+    image = start + (end - start) * np.clip(ramp, 0, 1)[..., None]
+    image = np.clip(image + _texture(rng, size, np.zeros(3), 0.05) - 0.0, 0, 1)
+    for _ in range(rng.integers(1, 4)):  # soft blotches of random colour
+        by, bx, br = *rng.uniform(0, size, 2), rng.uniform(0.1, 0.3) * size
+        weight = np.exp(-((yy - by) ** 2 + (xx - bx) ** 2) / (2 * br**2))[..., None] * rng.uniform(0.3, 0.8)
+        image = image * (1 - weight) + rng.uniform(0, 1, 3) * weight
+    mask = np.zeros((size, size), dtype=np.uint8)
+    kinds = rng.choice(np.arange(1, len(GLYPH_CLASS_NAMES)), size=int(rng.integers(1, max_objects + 1)))
+    for kind in kinds:
+        r = rng.uniform(*radius) * size
+        cy, cx = rng.uniform(r, size - r, 2)
+        shape = _glyph_mask(GLYPH_CLASS_NAMES[kind], yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
+        if not shape.any():
+            continue
+        colour = rng.uniform(0, 1, 3)
+        while np.abs(colour - image[shape].mean(0)).sum() < 0.6:
+            colour = rng.uniform(0, 1, 3)
+        image[shape] = _texture(rng, size, colour, 0.04)[shape]
+        mask[shape] = kind
+    labels = sorted(int(k) for k in np.unique(mask) if k != 0)
+    return (image * 255).round().astype(np.uint8), mask, labels
+
+
+# name -> (class names, renderer(seed, size)); "shapes" is the built-in default.
+GENERATORS = {
+    "shapes": (CLASS_NAMES, lambda seed, size: render_example(seed, size)),
+    "shapes-random-colour": (CLASS_NAMES, lambda seed, size: render_example(seed, size, bright_objects=False)),
+    "glyphs": (GLYPH_CLASS_NAMES, render_glyphs_example),
+}
+
+
 def build_synthetic_dataset(
     splits: dict[str, int] | None = None,
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     num_proc: int | None = None,
+    generator: str = "shapes",
 ):
-    """The built-in dataset as a `datasets.DatasetDict` with columns image (Image), labels (list of ClassLabel),
-    mask (Image, 0 = background). Splits use disjoint seeds, so the same arguments give the same data everywhere."""
+    """A generated dataset as a `datasets.DatasetDict` with columns image (Image), labels (list of ClassLabel),
+    mask (Image, 0 = background). Splits use disjoint seeds, so the same arguments give the same data everywhere.
+
+    `generator`: "shapes" (the built-in default: objects lighter than the background), "shapes-random-colour" (same
+    shapes, fully random colours) or "glyphs" (a second generator: other shapes, sizes, counts and backgrounds).
+    """
     import datasets
 
+    if generator not in GENERATORS:
+        raise ValueError(f"Unknown synthetic generator {generator!r}; choose from {sorted(GENERATORS)}.")
+    class_names, render = GENERATORS[generator]
     splits = splits or DEFAULT_SPLITS
     features = datasets.Features(
         {
             "image": datasets.Image(),
-            "labels": datasets.List(datasets.ClassLabel(names=CLASS_NAMES)),
+            "labels": datasets.List(datasets.ClassLabel(names=class_names)),
             "mask": datasets.Image(),
         }
     )
@@ -125,7 +201,7 @@ def build_synthetic_dataset(
         from PIL import Image
 
         for index in range(first, first + count):
-            image, mask, labels = render_example(seed * 10_000_019 + index, image_size)
+            image, mask, labels = render(seed * 10_000_019 + index, image_size)
             yield {"image": Image.fromarray(image), "labels": labels, "mask": Image.fromarray(mask, mode="L")}
 
     result = {}
@@ -142,4 +218,11 @@ def build_synthetic_dataset(
     return datasets.DatasetDict(result)
 
 
-__all__ = ["CLASS_NAMES", "build_synthetic_dataset", "render_example"]
+__all__ = [
+    "CLASS_NAMES",
+    "GENERATORS",
+    "GLYPH_CLASS_NAMES",
+    "build_synthetic_dataset",
+    "render_example",
+    "render_glyphs_example",
+]

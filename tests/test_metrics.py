@@ -6,6 +6,7 @@ import torch
 from modeling_clsmask.metrics import (
     average_precision,
     class_assignment_counts,
+    class_assignment_summary,
     classification_metrics,
     confusion_matrices,
     iou_from_confusion,
@@ -56,9 +57,24 @@ def test_class_assignment():
     maps[0, 1, :, :4] = 1  # class 1's map on class 1's region: right
     maps[0, 2, :, :4] = 1  # class 2's map also on class 1's region: wrong for class 2
     counts = class_assignment_counts(maps, masks, torch.tensor([[0, 1, 1]]), foreground=[1, 2])
-    assert counts.tolist() == [[1, 2]]
+    assert counts.tolist() == [[1, 2, 1.0]]  # two regions, each right by chance with probability 1/2
     # Absent classes' maps do not compete; a single present class does not count (trivially right).
     maps[0, 2] = 0
     maps[0, 2, :, 4:] = 1
-    assert class_assignment_counts(maps, masks, torch.tensor([[0, 1, 1]]), foreground=[1, 2]).tolist() == [[2, 2]]
-    assert class_assignment_counts(maps, masks, torch.tensor([[0, 1, 0]]), foreground=[1, 2]).tolist() == [[0, 0]]
+    assert class_assignment_counts(maps, masks, torch.tensor([[0, 1, 1]]), foreground=[1, 2]).tolist() == [[2, 2, 1]]
+    assert class_assignment_counts(maps, masks, torch.tensor([[0, 1, 0]]), foreground=[1, 2]).tolist() == [[0, 0, 0]]
+
+
+def test_class_assignment_chance_level():
+    """Chance is 1/n per region of an n-class image: images of two and three classes give (2/2 + 3/3) / 5."""
+    masks = torch.zeros(2, 6, 6, dtype=torch.long)
+    masks[0, :, :3], masks[0, :, 3:] = 1, 2
+    masks[1, :2], masks[1, 2:4], masks[1, 4:] = 1, 2, 3
+    labels = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]])
+    maps = torch.stack([(masks == k).float() for k in range(4)], dim=1)  # perfect maps
+    counts = class_assignment_counts(maps, masks, labels, foreground=[1, 2, 3])
+    summary = class_assignment_summary(counts)
+    assert summary["class_assignment_accuracy"] == 1.0
+    assert summary["class_assignment_chance"] == pytest.approx(2 / 5)
+    assert summary["class_assignment_margin"] == pytest.approx(3 / 5)
+    assert summary["class_assignment_regions"] == 5

@@ -40,8 +40,10 @@ def test_token_mask_semantics(config):
     assert 0.4 < together < 0.6
 
 
-def test_masking_changes_training_outputs_only_for_absent_classes():
-    config = tiny_config(token_mask_rate=1.0)
+@pytest.mark.parametrize("classifier_type", ["shared", "flatten"])
+def test_masking_changes_training_outputs_only_for_absent_classes(classifier_type):
+    # Patchify stem: the conv stem's batch norm differs between train and eval by design.
+    config = tiny_config(token_mask_rate=1.0, patch_embedding_type="patchify", classifier_type=classifier_type)
     model = ClsMaskForMultiLabelClassification(config)
     pixels = torch.randn(1, 3, 32, 32)
     labels = torch.tensor([[1, 0, 0]])
@@ -272,8 +274,13 @@ def test_diversity_loss():
     assert diversity_loss(orthogonal).item() == pytest.approx(0.0)
     same = torch.ones(1, 2, 2, 2)
     assert diversity_loss(same).item() == pytest.approx(2**0.5)
+    # Only pairs of classes present in the image count: with one present class there is nothing to push apart.
+    assert diversity_loss(same, torch.tensor([[1, 0]])).item() == pytest.approx(0.0)
+    assert diversity_loss(same, torch.tensor([[1, 1]])).item() == pytest.approx(2**0.5)
+    three = torch.ones(1, 3, 2, 2)
+    assert diversity_loss(three, torch.tensor([[1, 0, 1]])).item() == pytest.approx(2**0.5)
     model = ClsMaskForMultiLabelClassification(tiny_config(diversity_loss_coefficient=0.1)).train()
-    labels = torch.tensor([[1, 0, 0], [0, 1, 0]])
+    labels = torch.tensor([[1, 1, 0], [0, 1, 1]])
     torch.manual_seed(1)
     with_div = model(torch.ones(2, 3, 32, 32), labels=labels).loss
     model.config.diversity_loss_coefficient = 0.0
@@ -286,3 +293,167 @@ def test_config_output_attentions_gives_full_last_layer():
     model = ClsMaskForMultiLabelClassification(tiny_config(output_attentions=True)).eval()
     out = model(torch.randn(1, 3, 32, 32))
     assert [a.shape[-2] for a in out.attentions] == [20, 20]  # full T x T rows in every layer, last one included
+
+
+def test_conv_stem_shapes_and_vit_loading_keeps_patchify(tmp_path):
+    from modeling_clsmask.modeling_clsmask import conv_stem_strides
+
+    assert conv_stem_strides(8) == [2, 2, 2]
+    assert conv_stem_strides(16) == [2, 2, 2, 2]
+    assert conv_stem_strides(14) == [2, 7]
+    assert conv_stem_strides(1) == [1]
+    for patch_size, depth in ((8, 1), (8, 2), (4, 2), (14, 1)):
+        config = tiny_config(patch_size=patch_size, image_size=56 if patch_size == 14 else 32, conv_stem_depth=depth)
+        model = ClsMaskModel(config).eval()
+        size = config.image_size
+        out = model(torch.randn(2, 3, size, size + patch_size))
+        grid = (size // patch_size) * (size // patch_size + 1)
+        assert out.last_hidden_state.shape == (2, 3 + grid + 1, 32)
+        convs = [m for m in model.embeddings.patch_embeddings.stem if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == len(conv_stem_strides(patch_size)) * depth
+    # ViT weights need the patchify projection: from_vit_pretrained uses it whatever the config default is.
+    vit = ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32),
+        add_pooling_layer=False,
+    )
+    vit.save_pretrained(tmp_path / "vit")
+    model = ClsMaskForMultiLabelClassification.from_vit_pretrained(str(tmp_path / "vit"), id2label={0: "a"})
+    assert model.config.patch_embedding_type == "patchify" and model.clsmask.embeddings.patch_embeddings.stem is None
+    with pytest.raises(ValueError, match="patchify"):
+        ClsMaskForMultiLabelClassification.from_vit_pretrained(str(tmp_path / "vit"), patch_embedding_type="conv")
+
+
+def test_fan_in_init_versus_normal():
+    fan_in = ClsMaskModel(tiny_config(weight_init="fan_in"))
+    normal = ClsMaskModel(tiny_config(weight_init="normal"))
+    bound = 1 / 32**0.5  # q_proj: fan_in 32
+    weight = fan_in.layers[0].attention.q_proj.weight
+    assert weight.abs().max() <= bound + 1e-6 and float(weight.std()) == pytest.approx(bound / 3**0.5, rel=0.1)
+    assert fan_in.layers[0].attention.q_proj.bias.abs().sum() > 0
+    assert float(normal.layers[0].attention.q_proj.weight.std()) == pytest.approx(0.02, rel=0.2)
+    assert normal.layers[0].attention.q_proj.bias.abs().sum() == 0
+    with pytest.raises(ValueError, match="weight_init"):
+        tiny_config(weight_init="xavier")
+
+
+def test_shared_readout_is_shared_and_masked_token_gives_bias():
+    model = ClsMaskForMultiLabelClassification(
+        tiny_config(classifier_type="shared", token_mask_rate=1.0, patch_embedding_type="patchify")
+    )
+    assert model.classifier.dense.weight.shape == (1, 32) and model.classifier.bias.shape == (3,)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    states = torch.randn(2, 3, 32)
+    logits, _, _ = model.eval().classify(states, None)
+    # The same readout vector for every class: swapping two class tokens swaps their logits (less their biases).
+    swapped, _, _ = model.classify(states[:, [1, 0, 2]], None)
+    torch.testing.assert_close(swapped[:, 0] - 0.5, logits[:, 1] + 1.0)
+    # In training, an absent class's token is zeroed (rate 1.0): its logit is exactly its bias.
+    model.train()
+    labels = torch.tensor([[1, 0, 0], [0, 0, 1]])
+    masked, _, _ = model.classify(states, labels)
+    torch.testing.assert_close(masked[0, 1:], torch.tensor([-1.0, 2.0]))
+    torch.testing.assert_close(masked[1, :2], torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(masked[0, 0], logits[0, 0])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_class_token_isolation_against_explicit_attention(implementation):
+    """Class-token queries see only patches and themselves; the masked rows match an explicit softmax."""
+    config = tiny_config(class_token_isolation=True, attention_map_layers=2, patch_embedding_type="patchify")
+    model = ClsMaskModel(config).eval()
+    model.set_attn_implementation(implementation)
+    pixels = torch.randn(2, 3, 32, 32)
+    captured = {}
+    layer = model.layers[1]
+    layer.layernorm_before.register_forward_hook(lambda mod, args, out: captured.update(x=out))
+    out = model(pixels, output_class_attentions=True)
+    attention = layer.attention
+    x = captured["x"]
+    shape = (2, -1, 4, 8)
+    q = attention.q_proj(x).view(shape).transpose(1, 2)
+    k = attention.k_proj(x).view(shape).transpose(1, 2)
+    v = attention.v_proj(x).view(shape).transpose(1, 2)
+    scores = q @ k.transpose(2, 3) / 8**0.5
+    num_classes, num_patches = 3, 16
+    allowed = torch.ones(20, 20, dtype=torch.bool)
+    for c in range(num_classes):
+        allowed[c] = False
+        allowed[c, num_classes : num_classes + num_patches] = True
+        allowed[c, c] = True
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    rows = out.class_attentions[1]
+    torch.testing.assert_close(rows, probs[:, :, :num_classes], atol=1e-5, rtol=1e-5)
+    assert rows[..., num_classes + num_patches :].max() == 0  # nothing on [REG]
+    for c in range(num_classes):
+        others = [o for o in range(num_classes) if o != c]
+        assert rows[:, :, c, others].max() == 0
+    # The block output uses the same masked attention (patch and [REG] rows unmasked).
+    context = (probs @ v).transpose(1, 2).reshape(2, 20, 32)
+    expected = attention.o_proj(context)
+    got, _, _ = attention(x, attention_mask=model_mask(config))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def model_mask(config):
+    from modeling_clsmask.modeling_clsmask import class_token_isolation_mask
+
+    return class_token_isolation_mask(config.num_labels, 16, config.num_register_tokens, torch.device("cpu"))
+
+
+def test_class_tokens_join_late():
+    config = tiny_config(class_token_layers=1, attention_map_layers=1, num_hidden_layers=3)
+    model = ClsMaskModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    out = model(pixels, output_hidden_states=True, output_class_attentions=True)
+    # Blocks before the last run without the class tokens: they leave them as embedded and patches do not see them.
+    torch.testing.assert_close(out.hidden_states[2][:, :3], out.hidden_states[0][:, :3])
+    with torch.no_grad():
+        model.embeddings.class_tokens.add_(1.0)
+    changed = model(pixels, output_hidden_states=True)
+    torch.testing.assert_close(changed.hidden_states[2][:, 3:], out.hidden_states[2][:, 3:])
+    assert not torch.allclose(changed.last_hidden_state[:, :3], out.last_hidden_state[:, :3])
+    assert len(out.class_attentions) == 1
+    with pytest.raises(ValueError, match="attention_map_layers"):
+        model(pixels, output_class_attentions=True, attention_map_layers=2)
+    with pytest.raises(ValueError, match="attention_map_layers"):
+        tiny_config(class_token_layers=1, attention_map_layers=2)
+
+
+def test_patch_dropout_training_only():
+    config = tiny_config(patch_dropout=0.5, patch_embedding_type="patchify")
+    model = ClsMaskModel(config)
+    pixels = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert model(pixels).last_hidden_state.shape == (2, 3 + 8 + 1, 32)
+    model.eval()
+    assert model(pixels).last_hidden_state.shape == (2, 3 + 16 + 1, 32)
+    clf = ClsMaskForMultiLabelClassification(config).train()
+    clf(pixels, labels=torch.tensor([[1, 0, 0], [0, 1, 1]])).loss.backward()
+    with pytest.raises(ValueError, match="patch_dropout"):
+        tiny_config(patch_dropout=1.0)
+
+
+def test_gate_log_alpha_init():
+    model = ClsMaskModel(tiny_config(use_head_gates=True, gate_log_alpha_init=0.0))
+    assert model.layers[0].attention.head_gate.log_alpha.abs().max() == 0
+    # Stochastic at 0: training draws close some gates and open others.
+    gate = model.layers[0].attention.head_gate.train()
+    draws = torch.stack([gate() for _ in range(200)])
+    assert 0.2 < draws.mean() < 0.8
+
+
+def test_attention_map_layer_ids_pick_blocks():
+    model = ClsMaskForMultiLabelClassification(tiny_config(num_hidden_layers=3, attention_map_layer_ids=[0, 2])).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    out = model(pixels, output_class_maps=True)
+    rows = model.clsmask(pixels, output_class_attentions=True, attention_map_layers=3).class_attentions
+    expected = (rows[0] + rows[2])[..., 3:19].mean(1).reshape(2, 3, 4, 4)
+    torch.testing.assert_close(out.class_maps, expected, atol=1e-6, rtol=1e-5)
+    # An explicit number of last layers still wins at call time.
+    assert len(model(pixels, output_class_maps=True, attention_map_layers=1).class_attentions) == 1
+    for bad in ([3], [], [-1]):
+        with pytest.raises(ValueError, match="attention_map_layer_ids"):
+            tiny_config(num_hidden_layers=3, attention_map_layer_ids=bad)
+    with pytest.raises(ValueError, match="attention_map_layer_ids"):
+        tiny_config(num_hidden_layers=3, class_token_layers=1, attention_map_layer_ids=[0])

@@ -23,7 +23,8 @@ def biased_model(**overrides):
     config = tiny_config(**overrides)
     model = ClsMaskForSemanticSegmentation(config).eval()
     with torch.no_grad():
-        model.classifier.weight.zero_()
+        readout = model.classifier  # shared readout (default) or the paper's flattened Linear
+        (readout.dense if config.classifier_type == "shared" else readout).weight.zero_()
         model.classifier.bias.copy_(torch.tensor([4.0, -4.0, 3.0]))
     return model, ClsMaskImageProcessor.from_model_config(config)
 

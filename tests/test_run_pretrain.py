@@ -27,7 +27,7 @@ TINY = [
 BUILTIN = ["--train_size", "48", "--validation_size", "16", "--synthetic_image_size", "32"]
 
 
-def test_builtin_end_to_end(tmp_path):
+def test_builtin_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     metrics = run_pretrain.main([*TINY, *BUILTIN, "--num_train_epochs", "2", "--output_dir", str(out),
                                  "--use_head_gates", "--with_tracking"])  # fmt: skip
@@ -36,15 +36,22 @@ def test_builtin_end_to_end(tmp_path):
         assert (out / name).exists(), name
     saved = json.loads((out / "eval_results.json").read_text())
     for key in ("mAP", "f1_micro", "pseudo_mask_mean_iou", "prediction_mask_mean_iou", "baseline_mean_iou",
-                "class_assignment_accuracy", "open_gate_fraction"):  # fmt: skip
+                "class_assignment_accuracy", "class_assignment_chance", "class_assignment_margin",
+                "open_gate_fraction"):  # fmt: skip
         assert key in saved, key
     assert saved["num_images"] == 16
     assert 0.0 <= saved["pseudo_mask_mean_iou"] <= 1.0
     assert set(saved["pseudo_mask_per_class_iou"]) == {"background", "disk", "square", "triangle", "cross", "ring"}
     assert metrics["pseudo_mask_mean_iou"] == saved["pseudo_mask_mean_iou"]
+    assert saved["class_assignment_margin"] == pytest.approx(
+        saved["class_assignment_accuracy"] - saved["class_assignment_chance"]
+    )
     config = json.loads((out / "config.json").read_text())
-    assert config["background_threshold"] == 0.3 and config["use_head_gates"]
-    assert config["attention_map_layers"] == 2  # all layers by default
+    assert config["background_threshold"] == 0.2 and config["use_head_gates"]
+    # From scratch: conv stem, fan-in init, shared readout, maps from block 0, no token masking.
+    assert config["patch_embedding_type"] == "conv" and config["conv_stem_depth"] == 2
+    assert config["classifier_type"] == "shared" and config["weight_init"] == "fan_in"
+    assert config["attention_map_layer_ids"] == [0] and config["token_mask_rate"] == 0.0
     assert saved["test_num_images"] == 16 and "test_pseudo_mask_mean_iou" in saved
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers"
@@ -54,6 +61,20 @@ def test_builtin_end_to_end(tmp_path):
     assert any(f.startswith("events") for _, _, files in os.walk(out) for f in files), "tensorboard events"
     panel = Image.open(out / "validation_panels.png")
     assert panel.width > panel.height
+    assert "chance" in capsys.readouterr().out  # the printed summary puts chance beside class assignment
+
+    # The diagnosis of the same checkpoint: one row per block and head, attention shares that add up to one.
+    sys.path.insert(0, os.path.join(os.path.dirname(run_pretrain.__file__), "benchmarks"))
+    import diagnose_maps
+
+    report = diagnose_maps.main([str(out), "--synthetic_image_size", "32", "--output_dir", str(tmp_path / "diag")])
+    assert report["num_images"] == 16 and report["source"] == "clsmask/synthetic-shapes-random-colour"
+    assert set(report["maps"]) == {f"{layer}/{head}" for layer in range(2) for head in ("mean", 0, 1)} | {"sum/mean"}
+    for layer in ("0", "1"):
+        assert sum(report["attention_mass"][layer].values()) == pytest.approx(1.0, abs=1e-4)
+    first = report["maps"]["0/mean"]
+    assert first["class_assignment_chance"] == saved["class_assignment_chance"]  # same split, same chance
+    assert (tmp_path / "diag" / "diagnosis.json").exists() and (tmp_path / "diag" / "diagnosis_maps.png").exists()
 
 
 def test_resume_gives_identical_weights(tmp_path):
