@@ -41,6 +41,7 @@ from modeling_clsmask.data import (
     augment_batch,
     collate,
     load_data,
+    validate_splits,
     write_dataset_card,
 )
 from modeling_clsmask.metrics import (
@@ -382,9 +383,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     with accelerator.main_process_first():
         spec = load_data(args)
-    for split in (args.train_split, args.validation_split):
-        if split not in spec.dataset:
-            raise ValueError(f"Split {split!r} not found; the dataset has {list(spec.dataset)}.")
+    # Every split used, checked now: a bad validation or test split must not cost a training epoch.
+    used = [args.train_split, args.validation_split]
+    if args.test_split in spec.dataset and args.test_split not in used:
+        used.append(args.test_split)
+    validate_splits(spec, used)
     model = build_model(args, spec.class_names, spec.background_label_id)
     config = model.config
     processor_kwargs = {}

@@ -48,6 +48,7 @@ from modeling_clsmask.data import (
     augment_batch,
     collate,
     load_data,
+    validate_splits,
 )
 from modeling_clsmask.metrics import confusion_matrices, iou_from_confusion
 from modeling_clsmask.model_card import write_model_card
@@ -390,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(
             "Stage 2 evaluates against real masks: the dataset needs a mask column in its validation split."
         )
+    validate_splits(spec, [args.train_split, args.validation_split])
 
     # 1. Pseudo-masks (computed on the main process, shared through the saved dataset).
     pseudo_dir = args.pseudo_masks_dir or os.path.join(args.output_dir, "pseudo_masks")

@@ -37,6 +37,8 @@ def build(layers: int, implementation: str):
         patch_size=16,
         id2label={i: f"class_{i}" for i in range(NUM_CLASSES)},
         attention_map_layers=layers,
+        patch_embedding_type="patchify",  # ViT-B as the public code builds it
+        classifier_type="flatten",
     )
     model = ClsMaskForMultiLabelClassification(config).eval()
     model.set_attn_implementation(implementation)

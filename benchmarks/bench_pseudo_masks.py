@@ -42,6 +42,8 @@ def build() -> ClsMaskForMultiLabelClassification:
         patch_size=PATCH,
         id2label={i: f"class_{i}" for i in range(NUM_CLASSES)},
         attention_map_layers=12,
+        patch_embedding_type="patchify",  # ViT-B as the public code builds it
+        classifier_type="flatten",
     )
     model = ClsMaskForMultiLabelClassification(config).eval()
     with torch.no_grad():  # a few confident classes per image, like a trained model

@@ -126,9 +126,20 @@ def _class_names_from_features(feature) -> list[str] | None:
     return None
 
 
+def _is_names(sample_values: list) -> bool:
+    """Labels given as class-name strings (one per example, or lists of them)."""
+    for value in sample_values:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if items:
+            return isinstance(items[0], str)
+    return False
+
+
 def _labels_format(feature, sample_values: list, num_labels: int | None) -> str:
     import datasets
 
+    if _is_names(sample_values):
+        return "names"
     if isinstance(feature, (datasets.ClassLabel, datasets.Value)) and not isinstance(sample_values[0], (list, tuple)):
         return "single"
     inner = getattr(feature, "feature", None)
@@ -162,6 +173,14 @@ def resolve_dataset(
     if labels_column is not None:
         class_names = class_names or _class_names_from_features(split.features[labels_column])
         sample = split.select(range(min(len(split), 64)))[labels_column]
+        if class_names is None and sample and _is_names(sample):
+            # Class names written out in the labels column: the sorted names over every split become the classes.
+            names = set()
+            for part in dataset.values():
+                for value in part[labels_column]:
+                    names.update(value if isinstance(value, (list, tuple)) else [value])
+            class_names = sorted(str(n) for n in names)
+            logger.warning("Class names taken from the labels column: %s.", class_names)
         if class_names is None:
             if not sample:
                 raise ValueError("The dataset is empty.")
@@ -201,42 +220,94 @@ def resolve_dataset(
 
 
 def drop_undecodable(spec: DataSpec) -> DataSpec:
-    """Remove examples whose image (or mask) cannot be decoded; the count per split is kept in `spec.skipped`."""
+    """Remove examples whose image (or mask) is missing or cannot be decoded; counts per split go to `spec.skipped`.
+
+    The same pass checks every mask's values against the classes (the mask must be decoded anyway), so that a bad
+    mask in any split stops the run at start-up, naming the split, the row and the values, not after an epoch.
+    """
     import datasets
 
     columns = [c for c in (spec.image_column, spec.mask_column) if c]
     image_columns = [c for c in columns if isinstance(next(iter(spec.dataset.values())).features[c], datasets.Image)]
     if not image_columns:
         return spec
+    num_labels = len(spec.class_names)
+    check_mask = spec.mask_column in image_columns
     result = {}
     for name, split in spec.dataset.items():
+        if len(split) == 0:  # nothing to check; validate_splits names the empty split if it is used
+            result[name] = split
+            continue
         raw = split.cast_column(image_columns[0], datasets.Image(decode=False))
         for column in image_columns[1:]:
             raw = raw.cast_column(column, datasets.Image(decode=False))
 
         def decodable(example) -> dict:
+            bad_values: list[int] = []
             for column in image_columns:
                 value = example[column]
+                if value is None or (value.get("bytes") is None and not value.get("path")):
+                    return {"_ok": False, "_bad_mask": bad_values}
                 source = value["path"] if value.get("bytes") is None else io.BytesIO(value["bytes"])
                 try:
                     with Image.open(source) as img:
                         img.load()
+                        if check_mask and column == spec.mask_column:
+                            values = np.unique(mask_to_array(img))
+                            values = values[values != IGNORE_INDEX]
+                            bad_values = values[(values < 0) | (values >= num_labels)].tolist()
                 except Exception:  # noqa: BLE001 - any decoding failure means "skip this example"
-                    return {"_ok": False}
-            return {"_ok": True}
+                    return {"_ok": False, "_bad_mask": []}
+            return {"_ok": True, "_bad_mask": bad_values}
 
-        flags = raw.map(decodable, remove_columns=raw.column_names, desc=f"checking images ({name})")["_ok"]
+        checked = raw.map(decodable, remove_columns=raw.column_names, desc=f"checking images ({name})")
+        flags, bad_masks = checked["_ok"], checked["_bad_mask"]
+        for row, bad in enumerate(bad_masks):
+            if bad:
+                raise ValueError(
+                    f"Split {name!r}, row {row}: mask value(s) {bad} out of range for {num_labels} classes "
+                    f"{spec.class_names} (255 = ignore). " + MASK_LAYOUT_HINT
+                )
         keep = [i for i, ok in enumerate(flags) if ok]
         skipped = len(split) - len(keep)
         if skipped:
             logger.warning(
-                "Skipping %d of %d examples of split %r whose images cannot be decoded.", skipped, len(split), name
+                "Skipping %d of %d examples of split %r whose images are missing or cannot be decoded.",
+                skipped,
+                len(split),
+                name,
             )
             spec.skipped[name] = skipped
             split = split.select(keep)
         result[name] = split
     spec.dataset = datasets.DatasetDict(result)
     return spec
+
+
+MASK_LAYOUT_HINT = (
+    "Check that the masks number classes as the labels do (a common other layout stores class k as k + 1 with "
+    "0 = background and 255 = void)."
+)
+
+
+def validate_splits(spec: DataSpec, splits: list[str]) -> None:
+    """Check, before any training step, that each split exists, is not empty, and that its image labels are in range
+    (ids, names or multi-hot length), reading the labels column only (no image decoding). Errors name the split, the
+    row and the value."""
+    num_labels = len(spec.class_names)
+    for name in splits:
+        if name not in spec.dataset:
+            raise ValueError(f"Split {name!r} not found; the dataset has {list(spec.dataset)}.")
+        split = spec.dataset[name]
+        if len(split) == 0:
+            raise ValueError(f"Split {name!r} is empty (after skipping undecodable images: {spec.skipped}).")
+        if spec.labels_column is None:
+            continue
+        for row, value in enumerate(split[spec.labels_column]):
+            try:
+                labels_to_multihot(value, spec.labels_format, num_labels, spec.class_names)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"Split {name!r}, row {row}, labels {value!r}: {error}") from None
 
 
 def load_data(args) -> DataSpec:
@@ -328,9 +399,16 @@ def mask_to_array(mask) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def labels_to_multihot(value, fmt: str, num_labels: int) -> np.ndarray:
+def labels_to_multihot(value, fmt: str, num_labels: int, class_names: list[str] | None = None) -> np.ndarray:
     """One example's labels as a (num_labels,) multi-hot vector, with range checks."""
     target = np.zeros(num_labels, dtype=np.float32)
+    if fmt == "names":
+        index = {name: i for i, name in enumerate(class_names or [])}
+        for name in value if isinstance(value, (list, tuple)) else [value]:
+            if name not in index:
+                raise ValueError(f"Label {name!r} is not a class name; the classes are {class_names}.")
+            target[index[name]] = 1.0
+        return target
     if fmt == "multihot":
         vector = np.asarray(value, dtype=np.float32).reshape(-1)
         if vector.shape[0] != num_labels:
@@ -352,7 +430,9 @@ def labels_from_mask(mask: np.ndarray, num_labels: int, background_label_id: int
     values = values[values != IGNORE_INDEX]
     if values.size and (values.min() < 0 or values.max() >= num_labels):
         bad = values[(values < 0) | (values >= num_labels)]
-        raise ValueError(f"Mask value(s) {bad.tolist()} out of range for {num_labels} labels (255 is ignore).")
+        raise ValueError(
+            f"Mask value(s) {bad.tolist()} out of range for {num_labels} labels (255 is ignore). {MASK_LAYOUT_HINT}"
+        )
     target = np.zeros(num_labels, dtype=np.float32)
     target[values] = 1.0
     if background_label_id is not None:
@@ -387,12 +467,17 @@ class ExampleEncoder:
             if spec.labels_format == "mask":
                 target = labels_from_mask(mask, self.num_labels, spec.background_label_id)
             else:
-                target = labels_to_multihot(batch[spec.labels_column][i], spec.labels_format, self.num_labels)
+                target = labels_to_multihot(
+                    batch[spec.labels_column][i], spec.labels_format, self.num_labels, spec.class_names
+                )
                 if mask is not None:
                     present = np.unique(mask)
                     bad = present[(present != IGNORE_INDEX) & ((present < 0) | (present >= self.num_labels))]
                     if bad.size:
-                        raise ValueError(f"Mask value(s) {bad.tolist()} out of range for {self.num_labels} labels.")
+                        raise ValueError(
+                            f"Mask value(s) {bad.tolist()} out of range for {self.num_labels} labels. "
+                            + MASK_LAYOUT_HINT
+                        )
             tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
             if tuple(tensor.shape[-2:]) != self.size:
                 tensor = F.interpolate(tensor, size=self.size, mode="bilinear", align_corners=False, antialias=True)

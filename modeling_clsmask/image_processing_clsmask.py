@@ -4,10 +4,54 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
 
 from .pseudo_masks import masks_from_class_maps
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_8bit(image):
+    """An 8-bit view of an image, scaling high bit depths by their range instead of clipping them.
+
+    Pillow converts a 16-bit PNG (mode I;16) or a float image (mode F) to RGB by clipping to 0..255: a 16-bit image
+    turns white and a [0, 1] float image black, and the model then answers confidently about a picture nobody gave
+    it. Here: 16-bit images and uint16 arrays are divided by 257 (65535 -> 255); float images and arrays must lie in
+    [0, 1] (else a ValueError says so) and are multiplied by 255; bool arrays become 0/255. uint8 input and other
+    PIL modes are returned as they are. Arrays keep their layout (H x W, H x W x C or C x H x W).
+    """
+    if isinstance(image, Image.Image):
+        if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+            return Image.fromarray(to_8bit(np.asarray(image)))
+        return image
+    if not isinstance(image, np.ndarray):
+        return image
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == bool:
+        return image.astype(np.uint8) * 255
+    if image.dtype == np.uint16:
+        return (image.astype(np.float32) / 257.0).round().astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):
+        if image.size and not np.isfinite(image).all():
+            raise ValueError("The image array holds NaN or infinite values.")
+        low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"A float image must hold values in [0, 1]; this one spans [{low:.4g}, {high:.4g}]. Scale it to "
+                "[0, 1] or pass uint8 / uint16 data."
+            )
+        return (image.astype(np.float32) * 255.0).round().astype(np.uint8)
+    if np.issubdtype(image.dtype, np.integer):
+        if image.size and (image.min() < 0 or image.max() > 65535):
+            raise ValueError(f"Integer image values must lie in 0..65535 (got {image.min()}..{image.max()}).")
+        if image.size and image.max() > 255:  # a 16-bit image in a wider integer type (e.g. Pillow's mode I)
+            return (image.astype(np.float32) / 257.0).round().astype(np.uint8)
+        return image.astype(np.uint8)
+    raise ValueError(f"Unsupported image array dtype {image.dtype}.")
 
 
 class ClsMaskImageProcessor(PilBackend):
@@ -48,7 +92,12 @@ class ClsMaskImageProcessor(PilBackend):
         )
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
-        """Like the Pillow backend, but channel-last arrays with any band count are accepted."""
+        """Like the Pillow backend, but channel-last arrays with any band count are accepted, and (when rescaling
+        from 8 bits) 16-bit and [0, 1] float images are scaled by their range, not clipped (see `to_8bit`)."""
+        if self.do_rescale:
+            image = to_8bit(image)
+        if isinstance(image, Image.Image) and image.mode != "RGB" and len(np.atleast_1d(self.image_mean)) == 3:
+            image = image.convert("RGB")  # grey, palette, RGBA inputs for an RGB model
         if (
             isinstance(image, np.ndarray)
             and image.ndim == 3
@@ -123,6 +172,6 @@ class ClsMaskImageProcessor(PilBackend):
         ]
 
 
-__all__ = ["ClsMaskImageProcessor"]
+__all__ = ["ClsMaskImageProcessor", "to_8bit"]
 
 ClsMaskImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -6,12 +6,17 @@ Saved with every checkpoint (`custom_pipelines` in config.json), so
 
 from __future__ import annotations
 
+import math
+import os
+from numbers import Real
+
 import numpy as np
 import torch
 from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
+from .image_processing_clsmask import to_8bit
 from .pseudo_masks import masks_from_class_maps
 
 
@@ -25,32 +30,58 @@ class ClsMaskSegmentationPipeline(Pipeline):
     `class_threshold`), `background_threshold` (default the config's; `None` paints every pixel with a class), and
     `labels` (class names or ids known to be in the image: masks are restricted to them, the WSSS protocol).
     Background, where the model has a background threshold, is returned with `score=None`: it is not a predicted
-    class but what is left over.
+    class but what is left over. Inputs: paths, URLs, PIL images, numpy arrays (uint8, uint16 or floats in [0, 1];
+    H x W, H x W x C or C x H x W), or lists of them; `batch_size` batches the model calls (same results).
     """
+
+    def __call__(self, inputs, **kwargs):
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+            return []
+        return super().__call__(inputs, **kwargs)
+
+    @staticmethod
+    def _check_fraction(name: str, value, allow_none: bool = False):
+        if value is None and allow_none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not 0 <= value <= 1:
+            allowed = "a number in [0, 1]" + (" or None" if allow_none else "")
+            raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
+        return float(value)
 
     def _sanitize_parameters(self, threshold=None, background_threshold=_UNSET, labels=None, timeout=None, **kwargs):
         preprocess = {}
         if labels is not None:
+            self._label_vector(labels)  # validate once, at call time, with a message naming the argument
             preprocess["labels"] = labels
         if timeout is not None:
             preprocess["timeout"] = timeout
         postprocess = {}
         if threshold is not None:
-            postprocess["threshold"] = threshold
+            postprocess["threshold"] = self._check_fraction("threshold", threshold)
         if background_threshold is not _UNSET:
-            postprocess["background_threshold"] = background_threshold
+            postprocess["background_threshold"] = self._check_fraction(
+                "background_threshold", background_threshold, allow_none=True
+            )
         return preprocess, {}, postprocess
 
     def _label_vector(self, labels) -> torch.Tensor:
         config = self.model.config
         vector = torch.zeros(1, config.num_labels, dtype=torch.long)
-        for label in [labels] if isinstance(labels, (str, int)) else labels:
+        items = [labels] if isinstance(labels, (str, int, np.integer)) else labels
+        if not isinstance(items, (list, tuple, set)) or len(items) == 0:
+            raise ValueError(
+                f"`labels` must be a class name or id, or a non-empty list of them; got {labels!r}. Omit `labels` "
+                "to use the predicted classes."
+            )
+        for label in items:
             if isinstance(label, str):
                 if label not in config.label2id:
-                    raise ValueError(f"Unknown label {label!r}; the model knows {list(config.label2id)}.")
+                    raise ValueError(f"Unknown label {label!r} in `labels`; the model knows {list(config.label2id)}.")
                 label = config.label2id[label]
+            elif isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+                raise ValueError(f"`labels` entries must be class names or integer ids; got {label!r}.")
             if not 0 <= int(label) < config.num_labels:
-                raise ValueError(f"Label id {label} out of range 0..{config.num_labels - 1}.")
+                raise ValueError(f"Label id {label} in `labels` is out of range 0..{config.num_labels - 1}.")
             vector[0, int(label)] = 1
         return vector
 
@@ -58,12 +89,28 @@ class ClsMaskSegmentationPipeline(Pipeline):
         if isinstance(image, np.ndarray):
             if image.ndim == 3 and image.shape[-1] not in (1, 3, 4) and image.shape[0] in (1, 3, 4):
                 image = np.moveaxis(image, 0, -1)
+            image = to_8bit(image)
             image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
-        image = load_image(image, timeout=timeout)
+        source = image if isinstance(image, str) else None
+        try:
+            if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+                looks_like_path = os.sep in image or "/" in image or os.path.splitext(image)[1] != ""
+                if looks_like_path and not os.path.exists(image):
+                    raise FileNotFoundError(f"Image file {image!r} does not exist.")
+                if os.path.isfile(image):
+                    image = Image.open(image)
+                    image.load()
+            # Before load_image, whose RGB conversion would clip 16-bit and float images.
+            image = load_image(to_8bit(image), timeout=timeout)
+        except (OSError, ValueError, SyntaxError) as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            raise ValueError(f"Could not read image {source or type(image).__name__!r}: {error}") from error
         if self.model.config.num_channels == 3 and image.mode != "RGB":
             image = image.convert("RGB")
         inputs = self.image_processor(images=image, return_tensors="pt")
-        inputs["target_size"] = (image.height, image.width)
+        # Tensors only, one row per image, so batch_size > 1 collates and unbatches them like pixel_values.
+        inputs["target_size"] = torch.tensor([[image.height, image.width]])
         if labels is not None:
             inputs["image_labels"] = self._label_vector(labels)
         return inputs
@@ -71,11 +118,12 @@ class ClsMaskSegmentationPipeline(Pipeline):
     def _forward(self, model_inputs):
         target_size = model_inputs.pop("target_size")
         outputs = self.model(**model_inputs)
+        given = torch.full((target_size.shape[0],), "image_labels" in model_inputs, dtype=torch.bool)
         return {
             "class_maps": outputs.class_maps,
             "class_probs": outputs.class_probs,
             "present": outputs.present,
-            "image_labels_given": "image_labels" in model_inputs,
+            "image_labels_given": given,
             "target_size": target_size,
         }
 
@@ -83,13 +131,18 @@ class ClsMaskSegmentationPipeline(Pipeline):
         config = self.model.config
         probs = model_outputs["class_probs"].float()
         present = model_outputs["present"]
-        if threshold is not None and not model_outputs["image_labels_given"]:
+        if threshold is not None and not bool(model_outputs["image_labels_given"][0]):
             present = probs >= threshold
         if background_threshold is _UNSET:
             background_threshold = config.background_threshold
         background = config.background_label_id
         mask = masks_from_class_maps(
-            model_outputs["class_maps"], probs, present, model_outputs["target_size"], background_threshold, background
+            model_outputs["class_maps"],
+            probs,
+            present,
+            tuple(int(v) for v in model_outputs["target_size"][0]),
+            background_threshold,
+            background,
         )[0]
         results = []
         for label in mask.unique().tolist():

@@ -104,3 +104,88 @@ def test_fresh_process_pipelines(tmp_path):
         tmp_path,
     )
     assert "OK" in out
+
+
+def _mask_arrays(result):
+    return {r["label"]: np.asarray(r["mask"]) for r in result}
+
+
+def _same_result(a, b):
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    for x, y in zip(a, b):
+        assert x["score"] == y["score"]
+        np.testing.assert_array_equal(np.asarray(x["mask"]), np.asarray(y["mask"]))
+
+
+def test_pipeline_batching_and_empty_list():
+    model, processor = biased_model(background_threshold=0.3)
+    pipe = ClsMaskSegmentationPipeline(model=model, image_processor=processor)
+    rng = np.random.default_rng(0)
+    sizes = ((37, 53), (32, 32), (60, 41))
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    one_by_one = [pipe(image) for image in images]
+    for batch_size in (2, 3):
+        batched = pipe(images, batch_size=batch_size)
+        for got, expected in zip(batched, one_by_one):
+            _same_result(got, expected)
+    with_labels = pipe(images, batch_size=2, labels=["car"])
+    assert all({r["label"] for r in result} <= {"car", "cat"} for result in with_labels)
+    assert pipe([]) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threshold": -0.5}, "`threshold`"),
+        ({"threshold": 1.5}, "`threshold`"),
+        ({"threshold": float("nan")}, "`threshold`"),
+        ({"threshold": True}, "`threshold`"),
+        ({"background_threshold": 2.0}, "`background_threshold`"),
+        ({"labels": [1.7]}, "`labels`"),
+        ({"labels": True}, "`labels`"),
+        ({"labels": []}, "`labels`"),
+        ({"labels": ["zebra"]}, "zebra"),
+        ({"labels": [7]}, "out of range"),
+    ],
+)
+def test_pipeline_arguments_are_validated(kwargs, message):
+    model, processor = biased_model()
+    pipe = ClsMaskSegmentationPipeline(model=model, image_processor=processor)
+    image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=message):
+        pipe(image, **kwargs)
+
+
+def test_high_bit_depth_and_float_inputs_are_scaled_not_clipped(tmp_path):
+    model, processor = biased_model(background_threshold=0.3)
+    pipe = ClsMaskSegmentationPipeline(model=model, image_processor=processor)
+    rng = np.random.default_rng(1)
+    grey16 = rng.integers(0, 65536, (40, 48), dtype=np.uint16)
+    grey8 = (grey16 / 257).round().astype(np.uint8)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    expected = pipe(Image.fromarray(grey8))
+    _same_result(pipe(str(tmp_path / "grey16.png")), expected)
+    _same_result(pipe(grey16), expected)
+    _same_result(pipe(grey8.astype(np.float32) / 255), expected)  # 2-D float in [0, 1]
+    rgb8 = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    _same_result(pipe(rgb8.astype(np.float32) / 255), pipe(rgb8))  # H x W x 3 float
+    # The processor alone agrees with the pipeline's reading.
+    torch.testing.assert_close(
+        processor(Image.open(tmp_path / "grey16.png"), return_tensors="pt")["pixel_values"],
+        processor(Image.fromarray(grey8), return_tensors="pt")["pixel_values"],
+    )
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pipe(rgb8.astype(np.float32))  # floats in 0..255: said, not clipped
+
+
+def test_pipeline_messages_name_the_file(tmp_path):
+    model, processor = biased_model()
+    pipe = ClsMaskSegmentationPipeline(model=model, image_processor=processor)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pipe(str(tmp_path / "missing.png"))
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.png"):
+        pipe(str(tmp_path / "truncated.png"))

@@ -301,3 +301,91 @@ def test_recipes_are_valid_and_voc_recipe_runs(tmp_path):
     assert config["use_head_gates"] and config["token_mask_rate"] == 0.5
     with pytest.raises(SystemExit):
         run_pretrain.parse_args(["--recipe", "nope"])
+
+
+def make_splits(path, train: list[dict], validation: list[dict], features: datasets.Features):
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(train, features=features),
+            "validation": datasets.Dataset.from_list(validation, features=features),
+        }
+    ).save_to_disk(str(path))
+    return str(path)
+
+
+def test_empty_or_missing_split_is_named():
+    from modeling_clsmask.data import DataSpec, validate_splits
+
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.List(datasets.Value("int64"))})
+    data = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([{"image": rgb(0), "labels": [0]}], features=features),
+            "validation": datasets.Dataset.from_dict({"image": [], "labels": []}, features=features),
+        }
+    )
+    spec = DataSpec(data, ["a", "b"], "image", "labels", None, "ids", None, "test")
+    validate_splits(spec, ["train"])
+    with pytest.raises(ValueError, match="Split 'validation' is empty"):
+        validate_splits(spec, ["train", "validation"])
+    with pytest.raises(ValueError, match=r"Split 'test' not found; the dataset has \['train', 'validation'\]"):
+        validate_splits(spec, ["test"])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("label", r"Split 'validation', row 1, labels \[7\]: Label id 7 is out of range"),
+        ("name", r"Split 'validation', row 0, labels \['zebra'\]: Label 'zebra' is not a class name"),
+        ("mask", r"Split 'validation', row 1: mask value\(s\) \[9\] out of range for 3 classes"),
+    ],
+)
+def test_bad_validation_split_stops_before_training(tmp_path, monkeypatch, case, message):
+    """A bad validation split is found at start-up, naming split, row and value, before any training step."""
+    mask = Image.fromarray(np.zeros((32, 32), np.uint8))
+    bad_mask = Image.fromarray(np.full((32, 32), 9, np.uint8))
+    if case == "name":
+        features = datasets.Features({"image": datasets.Image(), "labels": datasets.List(datasets.Value("string"))})
+        train = [{"image": rgb(0), "labels": ["cat"]}, {"image": rgb(1), "labels": ["dog"]}]
+        validation = [{"image": rgb(2), "labels": ["zebra"]}]
+        extra = ["--label_names", "cat", "dog"]
+    elif case == "mask":
+        features = datasets.Features(
+            {"image": datasets.Image(), "labels": datasets.List(datasets.Value("int64")), "mask": datasets.Image()}
+        )
+        train = [{"image": rgb(i), "labels": [1], "mask": mask} for i in range(2)]
+        validation = [
+            {"image": rgb(2), "labels": [1], "mask": mask},
+            {"image": rgb(3), "labels": [1], "mask": bad_mask},
+        ]
+        extra = ["--label_names", "background", "a", "b", "--background_label_id", "0"]
+    else:
+        features = datasets.Features({"image": datasets.Image(), "labels": datasets.List(datasets.Value("int64"))})
+        train = [{"image": rgb(i), "labels": [i % 2]} for i in range(2)]
+        validation = [{"image": rgb(2), "labels": [0]}, {"image": rgb(3), "labels": [7]}]
+        extra = ["--label_names", "a", "b"]
+    path = make_splits(tmp_path / "d", train, validation, features)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a training step ran before the data was validated")
+
+    monkeypatch.setattr(run_pretrain, "augment_batch", no_training)
+    with pytest.raises(ValueError, match=message):
+        run_pretrain.main([*TINY, "--dataset_name", path, "--max_train_steps", "1",
+                           "--output_dir", str(tmp_path / "o"), *extra])  # fmt: skip
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_string_labels_and_missing_images(tmp_path):
+    """Class names in the labels column work (with or without --label_names); None images are skipped and counted."""
+    features = datasets.Features({"image": datasets.Image(), "labels": datasets.List(datasets.Value("string"))})
+    train = [{"image": rgb(i), "labels": ["dog"] if i % 2 else ["cat", "dog"]} for i in range(6)]
+    train.append({"image": None, "labels": ["cat"]})
+    path = make_splits(tmp_path / "d", train, train[:3], features)
+    for extra in ([], ["--label_names", "cat", "dog"]):
+        out = tmp_path / f"o{len(extra)}"
+        run_pretrain.main([*TINY, "--dataset_name", path, "--max_train_steps", "1", "--output_dir", str(out),
+                           "--num_visualizations", "0", *extra])  # fmt: skip
+        info = json.loads((out / "training_data.json").read_text())
+        assert info["class_names"] == ["cat", "dog"]
+        assert info["skipped_undecodable"] == {"train": 1}
+        assert info["splits"] == {"train": 6, "validation": 3}
