@@ -153,6 +153,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--output_dir", default="outputs/pretrain")
+    out.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Write into a non-empty --output_dir that another run (or something else) wrote.",
+    )
     out.add_argument("--checkpointing_steps", help="An integer (every N steps) or 'epoch'.")
     out.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in output_dir/checkpoints.")
     out.add_argument("--eval_every_epochs", type=int, default=1)
@@ -195,6 +200,19 @@ def apply_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> Non
     parser.set_defaults(**recipe.get("args", {}))
 
 
+def load_pretrained(load, path: str, flag: str):
+    """`load(path)`, with a message that says so when `path` is neither a local folder nor loadable from the Hub
+    (instead of the Hub client's "Repo id must be in the form ..." for a mistyped local path)."""
+    try:
+        return load(path)
+    except (OSError, ValueError) as error:
+        if os.path.exists(path):
+            raise
+        raise FileNotFoundError(
+            f"{flag} {path!r}: no such local folder, and it could not be loaded as a Hub repo ({error})."
+        ) from error
+
+
 def build_model(args, class_names: list[str], background_label_id: int | None):
     id2label = dict(enumerate(class_names))
     background = args.background_threshold
@@ -220,8 +238,12 @@ def build_model(args, class_names: list[str], background_label_id: int | None):
         background_label_id=background_label_id or 0,
     )
     if args.init_from:
-        return ClsMaskForMultiLabelClassification.from_vit_pretrained(
-            args.init_from, id2label=id2label, image_size=args.image_size, **fields
+        return load_pretrained(
+            lambda path: ClsMaskForMultiLabelClassification.from_vit_pretrained(
+                path, id2label=id2label, image_size=args.image_size, **fields
+            ),
+            args.init_from,
+            "--init_from",
         )
     config = ClsMaskConfig(
         patch_embedding_type=args.patch_embedding_type,
@@ -310,8 +332,97 @@ def evaluate(model, dataloader, accelerator, config, class_names, processor, num
     return metrics, panels
 
 
-def save_checkpoint(accelerator, folder: str) -> None:
-    """save_state into a temporary folder, then rename: an interruption never leaves a half-written checkpoint."""
+RUN_MARKER = "clsmask_run.json"
+# Arguments that do not define a run: a run stays "this run" when they change between launches.
+RUN_NEUTRAL_ARGS = {
+    "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_token", "with_tracking",
+    "report_to", "num_train_epochs", "max_train_steps", "checkpointing_steps", "eval_every_epochs",
+    "num_visualizations", "output_dir",
+}  # fmt: skip
+
+
+def _run_arguments(args) -> dict:
+    """The run's arguments as JSON values, without secrets (the marker stays on disk and may be shared)."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "hub_token"}, default=str))
+
+
+def read_run_marker(output_dir: str) -> dict | None:
+    path = os.path.join(output_dir, RUN_MARKER)
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def write_run_marker(output_dir: str, marker: dict) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = os.path.join(output_dir, RUN_MARKER + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(marker, handle, indent=2)
+    os.replace(tmp, os.path.join(output_dir, RUN_MARKER))
+
+
+def claim_output_dir(args, accelerator, script: str) -> dict:
+    """Make sure `args.output_dir` is this run's before anything is written there; returns the run's marker.
+
+    A non-empty folder is refused unless its marker (`clsmask_run.json`, the arguments of the run that wrote it)
+    names the same script and run-defining arguments, or `--overwrite_output_dir` is given. The marker also records
+    this run's checkpoints (so `--resume_from_checkpoint latest` never picks up another run's) and whether it
+    finished. Returns the marker with `finished_before` True when a finished run is resumed unchanged.
+    """
+    marker = read_run_marker(args.output_dir)
+    arguments = _run_arguments(args)
+    defining = {k: v for k, v in arguments.items() if k not in RUN_NEUTRAL_ARGS}
+    same_run = (
+        marker is not None
+        and marker.get("script") == script
+        and {k: v for k, v in marker.get("args", {}).items() if k not in RUN_NEUTRAL_ARGS} == defining
+    )
+    occupied = os.path.isdir(args.output_dir) and any(
+        entry.name not in (RUN_MARKER, RUN_MARKER + ".tmp") for entry in os.scandir(args.output_dir)
+    )
+    if occupied and not same_run and not getattr(args, "overwrite_output_dir", False):
+        reason = "files of another run" if marker else f"files that no {script} run wrote (no {RUN_MARKER})"
+        raise FileExistsError(
+            f"--output_dir {args.output_dir!r} is not empty: it holds {reason}. Choose another folder, or pass "
+            "--overwrite_output_dir to write over it."
+        )
+    resuming = bool(args.resume_from_checkpoint) and same_run
+    if resuming and marker.get("finished"):
+        unchanged = {k: v for k, v in marker["args"].items() if k != "resume_from_checkpoint"} == {
+            k: v for k, v in arguments.items() if k != "resume_from_checkpoint"
+        }
+        if unchanged:
+            return {**marker, "finished_before": True}
+    if not resuming:
+        marker = {"script": script, "args": arguments, "checkpoints": [], "finished": False}
+    marker = {**marker, "args": arguments, "finished": False}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_run_marker(args.output_dir, marker)
+    accelerator.wait_for_everyone()
+    return marker
+
+
+def finished_run_results(output_dir: str) -> dict:
+    """What a finished run saved (its eval_results.json); said, not recomputed."""
+    path = os.path.join(output_dir, "eval_results.json")
+    print(f"This run already finished in {output_dir}; nothing to resume (its results are in {path}).")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def mark_run_finished(output_dir: str) -> None:
+    marker = read_run_marker(output_dir)
+    if marker is not None:
+        write_run_marker(output_dir, {**marker, "finished": True})
+
+
+def save_checkpoint(accelerator, folder: str, output_dir: str | None = None) -> None:
+    """save_state into a temporary folder, then rename: an interruption never leaves a half-written checkpoint.
+    With `output_dir`, the checkpoint is recorded in the run's marker (what `latest` resumes from)."""
     tmp = folder + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -322,19 +433,34 @@ def save_checkpoint(accelerator, folder: str) -> None:
         if os.path.exists(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
+        marker = read_run_marker(output_dir) if output_dir else None
+        if marker is not None:
+            relative = os.path.relpath(folder, output_dir)
+            checkpoints = [c for c in marker.get("checkpoints", []) if c != relative] + [relative]
+            write_run_marker(output_dir, {**marker, "checkpoints": checkpoints})
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(resume_from_checkpoint: str, root: str) -> str:
-    """The folder to resume from: the given path, or with 'latest' the newest step_/epoch_ folder in `root`."""
+def find_checkpoint(resume_from_checkpoint: str, root: str, output_dir: str) -> str:
+    """The folder to resume from: the given path, or with 'latest' the newest checkpoint under `root` that this run
+    recorded in its marker (never another run's, whatever its step number)."""
     if resume_from_checkpoint != "latest":
+        if not os.path.isdir(resume_from_checkpoint):
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a folder.")
         return resume_from_checkpoint
-    folders = [f for f in os.listdir(root) if f.split("_")[0] in ("step", "epoch") and not f.endswith(".tmp")]
-    if not folders:
-        raise FileNotFoundError(f"No checkpoint in {root}.")
-    return os.path.join(
-        root, max(folders, key=lambda f: int(f.split("_")[1]) * (1 if f.startswith("step") else 10**9))
-    )
+    marker = read_run_marker(output_dir) or {}
+    recorded = [
+        os.path.join(output_dir, c)
+        for c in marker.get("checkpoints", [])
+        if os.path.normpath(os.path.dirname(os.path.join(output_dir, c))) == os.path.normpath(root)
+    ]
+    recorded = [c for c in recorded if os.path.isdir(c)]
+    if not recorded:
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint latest: this run recorded no checkpoint in {root} ({RUN_MARKER}); give a "
+            "checkpoint folder explicitly."
+        )
+    return recorded[-1]
 
 
 def make_accelerator(args) -> Accelerator:
@@ -375,6 +501,9 @@ def resume(accelerator, path: str, steps_per_epoch: int, gradient_accumulation_s
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = make_accelerator(args)
+    marker = claim_output_dir(args, accelerator, "run_pretrain")
+    if marker.get("finished_before"):
+        return finished_run_results(args.output_dir)
     logger.info(accelerator.state, main_process_only=False)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
@@ -452,7 +581,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     completed_steps, starting_epoch, resume_step = 0, 0, 0
     if args.resume_from_checkpoint:
-        path = find_checkpoint(args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints"))
+        path = find_checkpoint(
+            args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints"), args.output_dir
+        )
         completed_steps, starting_epoch, resume_step = resume(
             accelerator, path, steps_per_epoch, args.gradient_accumulation_steps
         )
@@ -497,7 +628,11 @@ def main(argv: list[str] | None = None) -> dict:
                     {"train_loss": running / count, "lr": scheduler.get_last_lr()[0]}, step=completed_steps
                 )
             if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
-                save_checkpoint(accelerator, os.path.join(args.output_dir, "checkpoints", f"step_{completed_steps}"))
+                save_checkpoint(
+                    accelerator,
+                    os.path.join(args.output_dir, "checkpoints", f"step_{completed_steps}"),
+                    args.output_dir,
+                )
             if completed_steps >= args.max_train_steps:
                 break
         last_epoch = completed_steps >= args.max_train_steps or epoch == args.num_train_epochs - 1
@@ -522,7 +657,8 @@ def main(argv: list[str] | None = None) -> dict:
                     {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=completed_steps
                 )
         if checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, os.path.join(args.output_dir, "checkpoints", f"epoch_{epoch}"))
+            folder = os.path.join(args.output_dir, "checkpoints", f"epoch_{epoch}")
+            save_checkpoint(accelerator, folder, args.output_dir)
         if completed_steps >= args.max_train_steps:
             break
 
@@ -565,6 +701,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
         else:
             print(f"mAP: {metrics.get('mAP', float('nan')):.4f}  F1: {metrics.get('f1_micro', float('nan')):.4f}")
+        mark_run_finished(args.output_dir)
         if args.push_to_hub:
             push_folder(args.output_dir, args.hub_model_id, args.hub_token)
     accelerator.wait_for_everyone()
@@ -581,7 +718,7 @@ def push_folder(folder: str, repo_id: str, token: str | None = None, commit_mess
         folder_path=folder,
         repo_id=repo_id,
         commit_message=commit_message,
-        ignore_patterns=["checkpoints/*", "*.tmp", "runs/*", "clsmask_pretrain/*"],
+        ignore_patterns=["checkpoints/*", "checkpoints_*/*", "*.tmp", "runs/*", "clsmask_pretrain/*", RUN_MARKER],
     )
 
 

@@ -54,9 +54,13 @@ from modeling_clsmask.metrics import confusion_matrices, iou_from_confusion
 from modeling_clsmask.model_card import write_model_card
 from modeling_clsmask.visualization import colourise, stack_rows, titled_row
 from run_pretrain import (
+    claim_output_dir,
     find_checkpoint,
+    finished_run_results,
+    load_pretrained,
     make_accelerator,
     make_schedule,
+    mark_run_finished,
     push_folder,
     resume,
     save_checkpoint,
@@ -103,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--output_dir", default="outputs/segmentation")
+    out.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Write into a non-empty --output_dir that another run (or something else) wrote.",
+    )
     out.add_argument("--checkpointing_steps", help="An integer (every N steps) or 'epoch'.")
     out.add_argument("--resume_from_checkpoint")
     out.add_argument("--num_visualizations", type=int, default=4)
@@ -306,7 +315,7 @@ def train_segmenter(
     checkpoint_root = os.path.join(args.output_dir, f"checkpoints_{name}")
     completed, start_epoch, resume_step = 0, 0, 0
     if args.resume_from_checkpoint and name == "weak":
-        path = find_checkpoint(args.resume_from_checkpoint, checkpoint_root)
+        path = find_checkpoint(args.resume_from_checkpoint, checkpoint_root, args.output_dir)
         completed, start_epoch, resume_step = resume(
             accelerator, path, steps_per_epoch, args.gradient_accumulation_steps
         )
@@ -340,11 +349,11 @@ def train_segmenter(
                 if args.with_tracking:
                     accelerator.log({f"{name}_train_loss": loss.item()}, step=completed)
                 if step_every and completed % step_every == 0:
-                    save_checkpoint(accelerator, os.path.join(checkpoint_root, f"step_{completed}"))
+                    save_checkpoint(accelerator, os.path.join(checkpoint_root, f"step_{completed}"), args.output_dir)
             if completed >= max_steps:
                 break
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, os.path.join(checkpoint_root, f"epoch_{epoch}"))
+            save_checkpoint(accelerator, os.path.join(checkpoint_root, f"epoch_{epoch}"), args.output_dir)
         if completed >= max_steps:
             break
     metrics, panels = evaluate_segmenter(
@@ -373,13 +382,18 @@ def _seg_processor(name_or_path: str, image_size: int):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = make_accelerator(args)
+    marker = claim_output_dir(args, accelerator, "run_segmentation")
+    if marker.get("finished_before"):
+        return finished_run_results(args.output_dir)
     set_seed(args.seed)
     if args.with_tracking:
         accelerator.init_trackers(
             "clsmask_segmentation", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         )
 
-    stage1 = ClsMaskForMultiLabelClassification.from_pretrained(args.model_name_or_path)
+    stage1 = load_pretrained(
+        ClsMaskForMultiLabelClassification.from_pretrained, args.model_name_or_path, "--model_name_or_path"
+    )
     with accelerator.main_process_first():
         spec = load_data(args)
     if list(spec.class_names) != [stage1.config.id2label[i] for i in range(stage1.config.num_labels)]:
@@ -436,10 +450,16 @@ def main(argv: list[str] | None = None) -> dict:
         "segmentation_per_class_iou": metrics["per_class_iou"],
         **report,
     }
+    results["weak_train_images"] = len(pseudo[args.train_split])
     if args.fully_supervised_baseline:
-        full_spec = dataclasses.replace(spec, labels_column=None, labels_format="mask")
+        # The same training images as the weak model (its pseudo-masks were made for the first max_train_samples),
+        # so that the weak/full ratio compares like with like.
+        full_data = datasets.DatasetDict(dict(spec.dataset))
+        full_data[args.train_split] = full_data[args.train_split].select(range(results["weak_train_images"]))
+        full_spec = dataclasses.replace(spec, dataset=full_data, labels_column=None, labels_format="mask")
         _, _, full, _ = train_segmenter(args, accelerator, full_spec, spec, image_size, num_channels, "full")
         results.update(
+            full_train_images=len(full_data[args.train_split]),
             fully_supervised_mean_iou=full["mean_iou"],
             fully_supervised_per_class_iou=full["per_class_iou"],
             weak_to_full_ratio=metrics["mean_iou"] / max(full["mean_iou"], 1e-12),
@@ -471,9 +491,10 @@ def main(argv: list[str] | None = None) -> dict:
         if "fully_supervised_mean_iou" in results:
             line += (
                 f" | fully supervised: {results['fully_supervised_mean_iou']:.4f}"
-                f" | ratio {results['weak_to_full_ratio']:.3f}"
+                f" | ratio {results['weak_to_full_ratio']:.3f} (both trained on {results['weak_train_images']} images)"
             )
         print(line)
+        mark_run_finished(args.output_dir)
         if args.push_to_hub:
             push_folder(
                 args.output_dir, args.hub_model_id, args.hub_token, "Upload clsmask stage-2 segmentation model"

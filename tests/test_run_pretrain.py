@@ -82,14 +82,58 @@ def test_resume_gives_identical_weights(tmp_path):
     run_pretrain.main([*args, "--output_dir", str(tmp_path / "full")])
     full = load_file(tmp_path / "full" / "model.safetensors")
     assert (tmp_path / "full" / "checkpoints" / "step_4").is_dir()
-    # Interrupted after step 4: a new run in a fresh folder resumes from that checkpoint.
-    os.makedirs(tmp_path / "resumed" / "checkpoints")
-    os.rename(tmp_path / "full" / "checkpoints" / "step_4", tmp_path / "resumed" / "checkpoints" / "step_4")
+    # Interrupted after step 4: the folder as the run left it (checkpoint recorded, no final model, not finished).
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    (tmp_path / "resumed" / "model.safetensors").unlink()
+    marker_path = tmp_path / "resumed" / "clsmask_run.json"
+    marker = json.loads(marker_path.read_text())
+    assert marker["checkpoints"] == ["checkpoints/step_4"] and marker["finished"]
+    marker_path.write_text(json.dumps({**marker, "finished": False}))
+    # An older run's higher-numbered checkpoint in the same folder is not "latest" for this run.
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_4", tmp_path / "resumed" / "checkpoints" / "step_999")
     run_pretrain.main([*args, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=key)
+
+
+def test_output_dir_guard_and_finished_resume_is_a_no_op(tmp_path, capsys):
+    import hashlib
+
+    def checksums(folder):
+        return {
+            str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        }
+
+    args = [*TINY, *BUILTIN, "--max_train_steps", "2", "--num_visualizations", "0"]
+    # A folder holding someone else's files is refused, untouched.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    (foreign / "model.safetensors").write_bytes(b"precious")
+    before = checksums(foreign)
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        run_pretrain.main([*args, "--output_dir", str(foreign)])
+    assert checksums(foreign) == before
+    # Another run's folder (other arguments) is refused too.
+    run = tmp_path / "run"
+    run_pretrain.main([*args, "--output_dir", str(run)])
+    finished = checksums(run)
+    with pytest.raises(FileExistsError, match="another run"):
+        run_pretrain.main([*args, "--seed", "7", "--output_dir", str(run)])
+    assert checksums(run) == finished
+    # Resuming a finished run changes nothing and says so.
+    capsys.readouterr()
+    again = run_pretrain.main([*args, "--output_dir", str(run), "--resume_from_checkpoint", "latest"])
+    assert "already finished" in capsys.readouterr().out
+    assert checksums(run) == finished
+    assert again == json.loads((run / "eval_results.json").read_text())
+    # --overwrite_output_dir writes over the foreign folder.
+    run_pretrain.main([*args, "--output_dir", str(foreign), "--overwrite_output_dir"])
+    assert (foreign / "model.safetensors").read_bytes() != b"precious"
 
 
 def make_disk_dataset(path, examples: list[dict], features: datasets.Features):

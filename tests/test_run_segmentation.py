@@ -40,15 +40,19 @@ def test_end_to_end_with_tta_and_baseline(stage1, tmp_path):
             "1.25",
             "--flip",
             "--fully_supervised_baseline",
+            "--max_train_samples",
+            "40",
             "--output_dir",
             str(out),
         ]  # fmt: skip
     )
+    # The baseline trains on the same 40 images as the weak model, so their ratio compares like with like.
+    assert results["weak_train_images"] == results["full_train_images"] == 40
     for key in ("pseudo_mask_mean_iou", "segmentation_mean_iou", "fully_supervised_mean_iou", "weak_to_full_ratio"):
         assert 0.0 <= results[key] <= 1e6, key
     assert results["pseudo_label_source"] == "labels"
     saved = datasets.load_from_disk(str(out / "pseudo_masks"))
-    assert list(saved) == ["train", "validation"] and len(saved["train"]) == 48 and len(saved["validation"]) == 16
+    assert list(saved) == ["train", "validation"] and len(saved["train"]) == 40 and len(saved["validation"]) == 16
     assert 0.0 <= results["validation_pseudo_mask_mean_iou"] <= 1.0
     assert {"image", "pseudo_mask", "mask", "labels"} <= set(saved["train"].column_names)
     assert isinstance(saved["train"].features["pseudo_mask"], datasets.Image)
@@ -93,3 +97,9 @@ def test_class_mismatch_is_reported(stage1, tmp_path):
     with pytest.raises(ValueError, match="differ from the stage-1 model"):
         run_segmentation.main(["--model_name_or_path", str(tmp_path / "other"), *BUILTIN, *SEG,
                                "--max_train_steps", "1", "--output_dir", str(tmp_path / "o")])  # fmt: skip
+
+
+def test_missing_model_path_is_named(tmp_path):
+    missing = str(tmp_path / "no" / "such" / "stage1")
+    with pytest.raises(FileNotFoundError, match="--model_name_or_path .*no such local folder"):
+        run_segmentation.main(["--model_name_or_path", missing, *BUILTIN, "--output_dir", str(tmp_path / "o")])
