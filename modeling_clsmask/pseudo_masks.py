@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 # Elements of the (rows, width, width) distance block computed at once by the nearest fill (about 64 MB).
 _FILL_BLOCK_ELEMENTS = 1 << 24
+# Longest side at which masks are thresholded, painted and filled; larger outputs are resized from it (nearest).
+# The maps come from a patch grid (8 x 8 for the built-in model), so a 4000 px mask holds no more information than a
+# 512 px one, while the fill's cost grows with rows x width^2.
+MAX_WORKING_SIZE = 512
 
 
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -88,6 +92,7 @@ def masks_from_class_maps(
     output_size: tuple[int, int],
     background_threshold: float | None = None,
     background_label_id: int = 0,
+    max_working_size: int | None = MAX_WORKING_SIZE,
 ) -> torch.Tensor:
     """Turn per-class attention maps into label maps, batched.
 
@@ -99,6 +104,9 @@ def masks_from_class_maps(
         background_threshold: `None`: every pixel gets a present class. A float: pixels whose best normalised
             score over the present classes is below it get `background_label_id`, whose own map is never painted.
         background_label_id: the background label when `background_threshold` is set.
+        max_working_size: when the longer side of `output_size` exceeds it, the masks are made at that longer side
+            (aspect kept) and resized to `output_size` with nearest neighbours, so a large photo costs about what a
+            512 px one does. `None`: always work at `output_size`.
 
     Returns:
         (B, H, W) int64 label maps. Without background, an image with no present class takes its most probable
@@ -122,7 +130,12 @@ def masks_from_class_maps(
         if none.any():
             present[none, class_scores[none].argmax(dim=1)] = True
 
-    maps = F.interpolate(class_maps.float(), size=tuple(output_size), mode="bilinear", align_corners=False)
+    output_size = (int(output_size[0]), int(output_size[1]))
+    working_size = output_size
+    if max_working_size is not None and max(output_size) > max_working_size:
+        scale = max_working_size / max(output_size)
+        working_size = (max(1, round(output_size[0] * scale)), max(1, round(output_size[1] * scale)))
+    maps = F.interpolate(class_maps.float(), size=working_size, mode="bilinear", align_corners=False)
     maps = normalize_maps(maps)
     above = (maps >= maps.flatten(2).mean(-1)[..., None, None]) & present[..., None, None]
     # Painting in ascending score order == every pixel takes the highest-scoring class that claims it.
@@ -137,6 +150,8 @@ def masks_from_class_maps(
             torch.full_like(labels, background_label_id),
             labels,
         )
+    if working_size != output_size:
+        labels = F.interpolate(labels[:, None].float(), size=output_size, mode="nearest")[:, 0].long()
     return labels
 
 

@@ -47,3 +47,14 @@ def test_target_sizes_length_checked():
     out = ClsMaskForSemanticSegmentation(config).eval()(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match="2 images"):
         processor.post_process_semantic_segmentation(out, target_sizes=[(4, 4)])
+
+
+def test_grey_palette_rgba_images_become_rgb():
+    config = tiny_config()
+    processor = ClsMaskImageProcessor.from_model_config(config)
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    for image in (rgb.convert("L"), rgb.convert("P"), rgb.convert("RGBA")):
+        pixels = processor(image, return_tensors="pt")["pixel_values"]
+        expected = processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        assert pixels.shape == (1, 3, 32, 32)
+        torch.testing.assert_close(pixels, expected)

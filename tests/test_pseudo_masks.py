@@ -110,3 +110,27 @@ def test_bad_shapes():
         masks_from_class_maps(torch.rand(1, 2, 4, 4), torch.rand(1, 3), torch.ones(1, 2, dtype=torch.bool), (4, 4))
     with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
         masks_from_class_maps(torch.rand(2, 4, 4), torch.rand(1, 2), torch.ones(1, 2, dtype=torch.bool), (4, 4))
+
+
+def test_large_outputs_are_made_at_a_bounded_working_size():
+    import torch.nn.functional as F
+
+    from modeling_clsmask.pseudo_masks import masks_from_class_maps
+
+    torch.manual_seed(0)
+    maps = torch.rand(2, 3, 4, 4)
+    scores = torch.tensor([[0.9, 0.2, 0.7], [0.1, 0.8, 0.6]])
+    present = torch.tensor([[1, 0, 1], [0, 1, 1]]).bool()
+    # At or below the working size nothing changes.
+    torch.testing.assert_close(
+        masks_from_class_maps(maps, scores, present, (40, 30), 0.3, 0, max_working_size=40),
+        masks_from_class_maps(maps, scores, present, (40, 30), 0.3, 0, max_working_size=None),
+    )
+    # Above it: the mask made at the working size (longer side 40, aspect kept), resized with nearest neighbours.
+    big = masks_from_class_maps(maps, scores, present, (200, 100), 0.3, 0, max_working_size=40)
+    small = masks_from_class_maps(maps, scores, present, (40, 20), 0.3, 0, max_working_size=None)
+    assert big.shape == (2, 200, 100)
+    expected = F.interpolate(small[:, None].float(), size=(200, 100), mode="nearest")[:, 0].long()
+    torch.testing.assert_close(big, expected)
+    full = masks_from_class_maps(maps, scores, present, (200, 100), 0.3, 0, max_working_size=None)
+    assert (big == full).float().mean() > 0.95  # the same masks up to the blocky edges
