@@ -213,27 +213,30 @@ def load_pretrained(load, path: str, flag: str):
         ) from error
 
 
+# Command-line options passed to ClsMaskConfig under the same name (the architecture ones only from scratch).
+CONFIG_FROM_ARGS = (
+    "num_register_tokens", "token_mask_rate", "use_head_gates", "l0_penalty", "diversity_loss_coefficient",
+    "classifier_type", "weight_init", "class_token_isolation", "patch_dropout", "class_token_layers",
+    "gate_log_alpha_init",
+)  # fmt: skip
+ARCHITECTURE_FROM_ARGS = (
+    "patch_embedding_type", "conv_stem_depth", "image_size", "patch_size", "num_channels", "hidden_size",
+    "num_hidden_layers", "num_attention_heads", "intermediate_size",
+)  # fmt: skip
+
+
 def build_model(args, class_names: list[str], background_label_id: int | None):
     id2label = dict(enumerate(class_names))
     background = args.background_threshold
     if background is not None and background < 0:
         # 0.2 was chosen on the validation splits of both generators (0.1-0.4 swept), never on a test split.
         background = 0.2 if background_label_id is not None else None
-    fields = dict(
-        num_register_tokens=args.num_register_tokens,
-        token_mask_rate=args.token_mask_rate,
-        use_head_gates=args.use_head_gates,
-        l0_penalty=args.l0_penalty,
+    fields = {name: getattr(args, name) for name in CONFIG_FROM_ARGS}
+    fields.update(
         attention_map_layers=args.attention_map_layers or args.class_token_layers or args.num_hidden_layers,
+        # From scratch, block 0's maps are the class-specific ones (measured); pretrained ViTs keep the last blocks.
         attention_map_layer_ids=args.attention_map_layer_ids
         or (None if args.init_from or args.attention_map_layers or args.class_token_layers else [0]),
-        diversity_loss_coefficient=args.diversity_loss_coefficient,
-        classifier_type=args.classifier_type,
-        weight_init=args.weight_init,
-        class_token_isolation=args.class_token_isolation,
-        patch_dropout=args.patch_dropout,
-        class_token_layers=args.class_token_layers,
-        gate_log_alpha_init=args.gate_log_alpha_init,
         background_threshold=background,
         background_label_id=background_label_id or 0,
     )
@@ -245,20 +248,8 @@ def build_model(args, class_names: list[str], background_label_id: int | None):
             args.init_from,
             "--init_from",
         )
-    config = ClsMaskConfig(
-        patch_embedding_type=args.patch_embedding_type,
-        conv_stem_depth=args.conv_stem_depth,
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        num_channels=args.num_channels,
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_hidden_layers,
-        num_attention_heads=args.num_attention_heads,
-        intermediate_size=args.intermediate_size,
-        id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-        **fields,
-    )
+    architecture = {name: getattr(args, name) for name in ARCHITECTURE_FROM_ARGS}
+    config = ClsMaskConfig(id2label=id2label, label2id={v: k for k, v in id2label.items()}, **architecture, **fields)
     return ClsMaskForMultiLabelClassification(config)
 
 
