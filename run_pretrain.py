@@ -5,29 +5,25 @@
     accelerate launch run_pretrain.py --dataset_name <hub id or folder> --init_from google/vit-base-patch16-224
     accelerate launch --cpu --num_processes 2 run_pretrain.py ...   # data parallel (gloo) on CPU
     python run_pretrain.py --voc_root VOCdevkit/VOC2012 --background_threshold 0.5
+    python run_pretrain.py --dataset_name <folder> --mask_label_offset 1   # masks store class k as k + 1
 
 Follows the layout of transformers' `*_no_trainer.py` examples: argparse, `Accelerator`, `datasets`,
-`save_state`/`load_state` checkpoints, `--with_tracking`, `--push_to_hub`.
+`save_state`/`load_state` checkpoints, `--with_tracking`, `--push_to_hub`. The plumbing it shares with
+`run_segmentation.py` lives in `modeling_clsmask/training/`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import os
-import shutil
 
 import datasets
 import torch
 import transformers
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from modeling_clsmask import (
     ClsMaskConfig,
@@ -35,24 +31,42 @@ from modeling_clsmask import (
     ClsMaskImageProcessor,
     masks_from_class_maps,
 )
-from modeling_clsmask.data import (
-    ExampleEncoder,
+from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
+from modeling_clsmask.training.arguments import (
+    DataArguments,
     add_data_arguments,
+    add_output_arguments,
+    add_training_arguments,
+    check_arguments,
+    optional_fraction,
+    tracked_arguments,
+)
+from modeling_clsmask.training.data import (
+    ExampleEncoder,
     augment_batch,
-    collate,
+    eval_dataloader,
     load_data,
+    train_dataloader,
     validate_splits,
     write_dataset_card,
 )
-from modeling_clsmask.metrics import (
+from modeling_clsmask.training.loop import make_accelerator, make_schedule, resume_from, train_loop
+from modeling_clsmask.training.metrics import (
     class_assignment_counts,
     class_assignment_summary,
     classification_metrics,
     confusion_matrices,
     iou_from_confusion,
 )
-from modeling_clsmask.model_card import write_model_card
-from modeling_clsmask.visualization import attention_panel, stack_rows
+from modeling_clsmask.training.model_card import write_model_card
+from modeling_clsmask.training.outputs import (
+    claim_output_dir,
+    finished_run_results,
+    load_pretrained,
+    mark_run_finished,
+    push_folder,
+)
+from modeling_clsmask.training.visualization import attention_panel, stack_rows, to_display_image
 
 
 logger = get_logger(__name__)
@@ -64,14 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     model = parser.add_argument_group("model")
     model.add_argument("--init_from", help="A transformers ViT or DeiT checkpoint to initialise from.")
-    model.add_argument("--image_size", type=int, default=64)
-    model.add_argument("--patch_size", type=int, default=8)
-    model.add_argument("--num_channels", type=int, default=3)
-    model.add_argument("--hidden_size", type=int, default=128)
-    model.add_argument("--num_hidden_layers", type=int, default=4)
-    model.add_argument("--num_attention_heads", type=int, default=4)
-    model.add_argument("--intermediate_size", type=int, default=256)
-    model.add_argument("--num_register_tokens", type=int, default=1)
+    model.add_argument("--image_size", type=int, default=64, help="Input side in pixels (images are resized to it).")
+    model.add_argument("--patch_size", type=int, default=8, help="Patch side; the class maps have one value a patch.")
+    model.add_argument("--num_channels", type=int, default=3, help="Image bands (3 = RGB; e.g. 13 for Sentinel-2).")
+    model.add_argument("--hidden_size", type=int, default=128, help="Transformer width (from scratch).")
+    model.add_argument("--num_hidden_layers", type=int, default=4, help="Transformer depth (from scratch).")
+    model.add_argument("--num_attention_heads", type=int, default=4, help="Heads per block (from scratch).")
+    model.add_argument("--intermediate_size", type=int, default=256, help="MLP width (from scratch).")
+    model.add_argument("--num_register_tokens", type=int, default=1, help="[REG] tokens (paper: 1).")
     model.add_argument(
         "--token_mask_rate",
         type=float,
@@ -109,9 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--class_token_layers", type=int, help="Class tokens join only the last N blocks (default: all blocks)."
     )
-    model.add_argument("--use_head_gates", action="store_true")
+    model.add_argument(
+        "--use_head_gates", action="store_true", help="Hard Concrete gates per head (sparse attention)."
+    )
     model.add_argument("--gate_log_alpha_init", type=float, default=3.0, help="Initial gate log_alpha (3 = open).")
-    model.add_argument("--l0_penalty", type=float, default=0.01)
+    model.add_argument("--l0_penalty", type=float, default=0.01, help="L0 penalty weight on the head gates.")
     model.add_argument(
         "--attention_map_layers", type=int, help="Last layers summed into class maps (default: all of them)."
     )
@@ -125,57 +141,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--diversity_loss_coefficient", type=float, default=0.0, help="Public code's option: 0.1.")
     model.add_argument(
         "--background_threshold",
-        type=float,
-        default=-1.0,
-        help="Background score threshold for datasets with a background class (default: 0.2 there, else none).",
+        type=optional_fraction,
+        default=AUTO,
+        help="Normalised class score under which a pixel is background: 'auto' (0.2 for datasets with a background "
+        "class, none otherwise), 'none', or a number in [0, 1].",
     )
-    model.add_argument("--image_mean", type=float, nargs="+")
-    data_note = "split evaluated once after training (skipped when absent)"
-    model.add_argument("--test_split", default="test", help=f"Held-out {data_note}.")
-    model.add_argument("--image_std", type=float, nargs="+")
+    model.add_argument("--image_mean", type=float, nargs="+", help="Per-band mean (default: ImageNet's for RGB).")
+    model.add_argument("--image_std", type=float, nargs="+", help="Per-band std (default: ImageNet's for RGB).")
+    model.add_argument(
+        "--test_split", default="test", help="Held-out split evaluated once after training (skipped when absent)."
+    )
 
     train = parser.add_argument_group("training")
-    train.add_argument("--per_device_train_batch_size", type=int, default=32)
-    train.add_argument("--per_device_eval_batch_size", type=int, default=64)
-    train.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
-    train.add_argument("--learning_rate", type=float, default=1e-3)
-    train.add_argument("--weight_decay", type=float, default=0.05)
-    train.add_argument("--num_train_epochs", type=int, default=20)
-    train.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--lr_scheduler_type", default="cosine")
-    train.add_argument("--warmup_ratio", type=float, default=0.05)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: accelerate's setting.")
-    train.add_argument("--flip_prob", type=float, default=0.5)
-    train.add_argument("--crop_scale_min", type=float, default=0.6, help="Random resized crop: min area fraction.")
-    train.add_argument("--seed", type=int, default=42)
+    add_training_arguments(train, batch_size=32, learning_rate=1e-3, weight_decay=0.05, epochs=20)
+    train.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw", help="Optimizer.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0: off).")
 
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--output_dir", default="outputs/pretrain")
-    out.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Write into a non-empty --output_dir that another run (or something else) wrote.",
+    add_output_arguments(parser, "outputs/pretrain")
+    parser.add_argument(
+        "--eval_every_epochs", type=int, default=1, help="Evaluate on the validation split every N epochs."
     )
-    out.add_argument("--checkpointing_steps", help="An integer (every N steps) or 'epoch'.")
-    out.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in output_dir/checkpoints.")
-    out.add_argument("--eval_every_epochs", type=int, default=1)
-    out.add_argument("--num_visualizations", type=int, default=4)
-    out.add_argument("--with_tracking", action="store_true")
-    out.add_argument("--report_to", default="tensorboard", help="tensorboard, trackio, wandb, all, ...")
-    out.add_argument("--push_to_hub", action="store_true")
-    out.add_argument("--hub_model_id")
-    out.add_argument("--hub_token")
     parser.add_argument(
         "--recipe", help="A recipe name in recipes/ (voc, coco, dfc2020, endotect, ade20k) or a JSON path."
     )
     apply_recipe(parser, argv)
     args = parser.parse_args(argv)
-    if args.voc_root and args.dataset_name:
-        parser.error("Give either --voc_root or --dataset_name, not both.")
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id.")
+    check_arguments(parser, args)
     return args
 
 
@@ -200,19 +191,6 @@ def apply_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> Non
     parser.set_defaults(**recipe.get("args", {}))
 
 
-def load_pretrained(load, path: str, flag: str):
-    """`load(path)`, with a message that says so when `path` is neither a local folder nor loadable from the Hub
-    (instead of the Hub client's "Repo id must be in the form ..." for a mistyped local path)."""
-    try:
-        return load(path)
-    except (OSError, ValueError) as error:
-        if os.path.exists(path):
-            raise
-        raise FileNotFoundError(
-            f"{flag} {path!r}: no such local folder, and it could not be loaded as a Hub repo ({error})."
-        ) from error
-
-
 # Command-line options passed to ClsMaskConfig under the same name (the architecture ones only from scratch).
 CONFIG_FROM_ARGS = (
     "num_register_tokens", "token_mask_rate", "use_head_gates", "l0_penalty", "diversity_loss_coefficient",
@@ -225,12 +203,12 @@ ARCHITECTURE_FROM_ARGS = (
 )  # fmt: skip
 
 
-def build_model(args, class_names: list[str], background_label_id: int | None):
+def build_model(args, class_names: list[str], background_label_id: int | None) -> ClsMaskForMultiLabelClassification:
+    """A model from scratch, or around a ViT/DeiT checkpoint (`--init_from`), configured from the arguments."""
     id2label = dict(enumerate(class_names))
-    background = args.background_threshold
-    if background is not None and background < 0:
-        # 0.2 was chosen on the validation splits of both generators (0.1-0.4 swept), never on a test split.
-        background = 0.2 if background_label_id is not None else None
+    # 'auto': 0.2 where the data has a background class (chosen on the validation splits of both generators, 0.1-0.4
+    # swept, never on a test split), else no background.
+    background = resolve_threshold(args.background_threshold, 0.2 if background_label_id is not None else None)
     fields = {name: getattr(args, name) for name in CONFIG_FROM_ARGS}
     fields.update(
         attention_map_layers=args.attention_map_layers or args.class_token_layers or args.num_hidden_layers,
@@ -253,19 +231,10 @@ def build_model(args, class_names: list[str], background_label_id: int | None):
     return ClsMaskForMultiLabelClassification(config)
 
 
-def to_display_image(pixels: torch.Tensor, mean, std):
-    """Undo normalisation for a (C, H, W) tensor; first three bands (or band 0) as an RGB picture."""
-    from PIL import Image
-
-    mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    array = (pixels.float().cpu() * std + mean).clamp(0, 1)
-    array = array[:3] if array.shape[0] >= 3 else array[:1].expand(3, -1, -1)
-    return Image.fromarray((array.permute(1, 2, 0).numpy() * 255).astype("uint8"))
-
-
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator, config, class_names, processor, num_visualizations=0):
+def evaluate(
+    model, dataloader, accelerator, config, class_names, processor, num_visualizations=0
+) -> tuple[dict, list]:
     """Classification metrics and, where masks exist, pseudo-mask mIoU (image labels and predictions)."""
     model.eval()
     num_labels = len(class_names)
@@ -323,177 +292,56 @@ def evaluate(model, dataloader, accelerator, config, class_names, processor, num
     return metrics, panels
 
 
-RUN_MARKER = "clsmask_run.json"
-# Arguments that do not define a run: a run stays "this run" when they change between launches.
-RUN_NEUTRAL_ARGS = {
-    "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_token", "with_tracking",
-    "report_to", "num_train_epochs", "max_train_steps", "checkpointing_steps", "eval_every_epochs",
-    "num_visualizations", "output_dir",
-}  # fmt: skip
+# Parameters without weight decay (matched by name): biases, norms, learned tokens and positions, gate parameters.
+NO_DECAY = ("bias", "layernorm", "norm", "class_tokens", "position_embeddings", "register_tokens", "log_alpha")
 
 
-def _run_arguments(args) -> dict:
-    """The run's arguments as JSON values, without secrets (the marker stays on disk and may be shared)."""
-    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "hub_token"}, default=str))
+def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if any(key in name for key in NO_DECAY) else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_cls(groups, lr=args.learning_rate)
 
 
-def read_run_marker(output_dir: str) -> dict | None:
-    path = os.path.join(output_dir, RUN_MARKER)
-    if not os.path.exists(path):
-        return None
-    with open(path) as handle:
-        return json.load(handle)
-
-
-def write_run_marker(output_dir: str, marker: dict) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, RUN_MARKER + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(marker, handle, indent=2)
-    os.replace(tmp, os.path.join(output_dir, RUN_MARKER))
-
-
-def claim_output_dir(args, accelerator, script: str) -> dict:
-    """Make sure `args.output_dir` is this run's before anything is written there; returns the run's marker.
-
-    A non-empty folder is refused unless its marker (`clsmask_run.json`, the arguments of the run that wrote it)
-    names the same script and run-defining arguments, or `--overwrite_output_dir` is given. The marker also records
-    this run's checkpoints (so `--resume_from_checkpoint latest` never picks up another run's) and whether it
-    finished. Returns the marker with `finished_before` True when a finished run is resumed unchanged.
-    """
-    marker = read_run_marker(args.output_dir)
-    arguments = _run_arguments(args)
-    defining = {k: v for k, v in arguments.items() if k not in RUN_NEUTRAL_ARGS}
-    same_run = (
-        marker is not None
-        and marker.get("script") == script
-        and {k: v for k, v in marker.get("args", {}).items() if k not in RUN_NEUTRAL_ARGS} == defining
-    )
-    occupied = os.path.isdir(args.output_dir) and any(
-        entry.name not in (RUN_MARKER, RUN_MARKER + ".tmp") for entry in os.scandir(args.output_dir)
-    )
-    if occupied and not same_run and not getattr(args, "overwrite_output_dir", False):
-        reason = "files of another run" if marker else f"files that no {script} run wrote (no {RUN_MARKER})"
-        raise FileExistsError(
-            f"--output_dir {args.output_dir!r} is not empty: it holds {reason}. Choose another folder, or pass "
-            "--overwrite_output_dir to write over it."
+def print_results(metrics: dict, args) -> None:
+    """The figures a user reads first, with the chance level beside class assignment."""
+    if "pseudo_mask_mean_iou" not in metrics:
+        print(f"mAP: {metrics.get('mAP', float('nan')):.4f}  F1: {metrics.get('f1_micro', float('nan')):.4f}")
+        return
+    for prefix, split in (("", args.validation_split), ("test_", args.test_split)):
+        if f"{prefix}pseudo_mask_mean_iou" not in metrics:
+            continue
+        m = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+        print(
+            f"[{split}] pseudo-mask mIoU (image labels): {m['pseudo_mask_mean_iou']:.4f} | "
+            f"from predictions: {m['prediction_mask_mean_iou']:.4f} | "
+            f"baseline (every pixel = first image label): {m['baseline_mean_iou']:.4f} | mAP: {m['mAP']:.4f} | "
+            f"class assignment: {m['class_assignment_accuracy']:.4f} (chance {m['class_assignment_chance']:.4f}, "
+            f"margin {m['class_assignment_margin']:+.4f})"
         )
-    resuming = bool(args.resume_from_checkpoint) and same_run
-    if resuming and marker.get("finished"):
-        unchanged = {k: v for k, v in marker["args"].items() if k != "resume_from_checkpoint"} == {
-            k: v for k, v in arguments.items() if k != "resume_from_checkpoint"
-        }
-        if unchanged:
-            return {**marker, "finished_before": True}
-    if not resuming:
-        marker = {"script": script, "args": arguments, "checkpoints": [], "finished": False}
-    marker = {**marker, "args": arguments, "finished": False}
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_run_marker(args.output_dir, marker)
-    accelerator.wait_for_everyone()
-    return marker
 
 
-def finished_run_results(output_dir: str) -> dict:
-    """What a finished run saved (its eval_results.json); said, not recomputed."""
-    path = os.path.join(output_dir, "eval_results.json")
-    print(f"This run already finished in {output_dir}; nothing to resume (its results are in {path}).")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as handle:
-        return json.load(handle)
-
-
-def mark_run_finished(output_dir: str) -> None:
-    marker = read_run_marker(output_dir)
-    if marker is not None:
-        write_run_marker(output_dir, {**marker, "finished": True})
-
-
-def save_checkpoint(accelerator, folder: str, output_dir: str | None = None) -> None:
-    """save_state into a temporary folder, then rename: an interruption never leaves a half-written checkpoint.
-    With `output_dir`, the checkpoint is recorded in the run's marker (what `latest` resumes from)."""
-    tmp = folder + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        marker = read_run_marker(output_dir) if output_dir else None
-        if marker is not None:
-            relative = os.path.relpath(folder, output_dir)
-            checkpoints = [c for c in marker.get("checkpoints", []) if c != relative] + [relative]
-            write_run_marker(output_dir, {**marker, "checkpoints": checkpoints})
-    accelerator.wait_for_everyone()
-
-
-def find_checkpoint(resume_from_checkpoint: str, root: str, output_dir: str) -> str:
-    """The folder to resume from: the given path, or with 'latest' the newest checkpoint under `root` that this run
-    recorded in its marker (never another run's, whatever its step number)."""
-    if resume_from_checkpoint != "latest":
-        if not os.path.isdir(resume_from_checkpoint):
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a folder.")
-        return resume_from_checkpoint
-    marker = read_run_marker(output_dir) or {}
-    recorded = [
-        os.path.join(output_dir, c)
-        for c in marker.get("checkpoints", [])
-        if os.path.normpath(os.path.dirname(os.path.join(output_dir, c))) == os.path.normpath(root)
-    ]
-    recorded = [c for c in recorded if os.path.isdir(c)]
-    if not recorded:
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint latest: this run recorded no checkpoint in {root} ({RUN_MARKER}); give a "
-            "checkpoint folder explicitly."
-        )
-    return recorded[-1]
-
-
-def make_accelerator(args) -> Accelerator:
-    """The Accelerator both scripts use: seedable sampler (per-epoch order from the seed), tracking, precision."""
-    kwargs = {"gradient_accumulation_steps": args.gradient_accumulation_steps}
-    if args.with_tracking:
-        kwargs.update(log_with=args.report_to, project_dir=args.output_dir)
-    if args.mixed_precision:
-        kwargs["mixed_precision"] = args.mixed_precision
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kwargs)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    return accelerator
-
-
-def make_schedule(args, optimizer, train_loader, accelerator) -> tuple[int, int, int, object]:
-    """(steps per epoch, max steps, epochs, lr scheduler) from --max_train_steps or --num_train_epochs."""
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=int(args.warmup_ratio * max_steps) * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )
-    return steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch), scheduler
-
-
-def resume(accelerator, path: str, steps_per_epoch: int, gradient_accumulation_steps: int) -> tuple[int, int, int]:
-    """Load a step_N / epoch_N checkpoint; returns (completed steps, epoch to start, batches to skip in it)."""
-    accelerator.print(f"Resumed from checkpoint: {path}")
-    accelerator.load_state(path)
-    kind, number = os.path.basename(os.path.normpath(path)).split("_")
-    completed = (int(number) + 1) * steps_per_epoch if kind == "epoch" else int(number)
-    resume_step = (completed % steps_per_epoch) * gradient_accumulation_steps
-    return completed, completed // steps_per_epoch, resume_step
+def save_outputs(args, model, processor, metrics: dict, panels: list, spec, save_function=torch.save) -> None:
+    """The final folder: weights, processor, results, data description, panels and model card."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    model.save_pretrained(args.output_dir, save_function=save_function)
+    processor.save_pretrained(args.output_dir)
+    with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    write_dataset_card(os.path.join(args.output_dir, "training_data.json"), spec)
+    if panels:
+        stack_rows(panels).save(os.path.join(args.output_dir, "validation_panels.png"))
+    write_model_card(args.output_dir, model.config, metrics, spec, vars(args), stage="pretrain")
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator = make_accelerator(args)
-    marker = claim_output_dir(args, accelerator, "run_pretrain")
-    if marker.get("finished_before"):
+    accelerator = make_accelerator(
+        args.gradient_accumulation_steps, args.mixed_precision, args.with_tracking and args.report_to, args.output_dir
+    )
+    if claim_output_dir(args, accelerator, "run_pretrain").get("finished_before"):
         return finished_run_results(args.output_dir)
     logger.info(accelerator.state, main_process_only=False)
     if not accelerator.is_local_main_process:
@@ -501,165 +349,80 @@ def main(argv: list[str] | None = None) -> dict:
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
 
+    # Data: every split used is checked now, so a bad validation or test split does not cost a training epoch.
     with accelerator.main_process_first():
-        spec = load_data(args)
-    # Every split used, checked now: a bad validation or test split must not cost a training epoch.
-    used = [args.train_split, args.validation_split]
-    if args.test_split in spec.dataset and args.test_split not in used:
-        used.append(args.test_split)
-    validate_splits(spec, used)
+        spec = load_data(DataArguments.from_namespace(args))
+    has_test = args.test_split in spec.dataset and args.test_split != args.validation_split
+    validate_splits(spec, [args.train_split, args.validation_split] + ([args.test_split] if has_test else []))
     model = build_model(args, spec.class_names, spec.background_label_id)
-    config = model.config
-    processor_kwargs = {}
-    if args.image_mean:
-        processor_kwargs["image_mean"] = args.image_mean
-    if args.image_std:
-        processor_kwargs["image_std"] = args.image_std
-    processor = ClsMaskImageProcessor.from_model_config(config, **processor_kwargs)
+    norm = {k: v for k, v in (("image_mean", args.image_mean), ("image_std", args.image_std)) if v}
+    processor = ClsMaskImageProcessor.from_model_config(model.config, **norm)
     encoder = ExampleEncoder(
-        spec, config.num_channels, config.image_grid_size, processor.image_mean, processor.image_std
+        spec, model.config.num_channels, model.config.image_grid_size, processor.image_mean, processor.image_std
     )
-    train_data = spec.dataset[args.train_split]
-    eval_data = spec.dataset[args.validation_split]
-    if args.max_train_samples:
-        train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
-    if args.max_eval_samples:
-        eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
-    # The loader's own generator keeps iterator creation from drawing on the global RNG, which augmentation and
-    # token masking use: so a resumed run (RNG restored by load_state) replays the same random numbers.
-    train_loader = DataLoader(
-        train_data.with_transform(encoder),
-        shuffle=True,
-        collate_fn=collate,
-        batch_size=args.per_device_train_batch_size,
-        generator=torch.Generator().manual_seed(args.seed),
+    train_loader = train_dataloader(
+        spec.dataset[args.train_split], encoder, args.per_device_train_batch_size, args.seed, args.max_train_samples
     )
-    eval_loader = DataLoader(
-        eval_data.with_transform(encoder), collate_fn=collate, batch_size=args.per_device_eval_batch_size
+    eval_loader = eval_dataloader(
+        spec.dataset[args.validation_split], encoder, args.per_device_eval_batch_size, args.max_eval_samples
     )
 
-    no_decay = ("bias", "layernorm", "norm", "class_tokens", "position_embeddings", "register_tokens", "log_alpha")
-    groups = [
-        {
-            "params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
-            "weight_decay": args.weight_decay,
-        },
-        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(groups, lr=args.learning_rate)
-
-    steps_per_epoch, args.max_train_steps, args.num_train_epochs, scheduler = make_schedule(
-        args, optimizer, train_loader, accelerator
+    optimizer = build_optimizer(args, model)
+    schedule = make_schedule(
+        optimizer, train_loader, accelerator, args.num_train_epochs, args.max_train_steps, args.lr_scheduler_type,
+        args.warmup_ratio,
+    )  # fmt: skip
+    model, optimizer, train_loader, eval_loader, schedule.scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, schedule.scheduler
     )
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
-    )
-    checkpointing_steps = args.checkpointing_steps
-    if checkpointing_steps is not None and checkpointing_steps.isdigit():
-        checkpointing_steps = int(checkpointing_steps)
-
     if args.with_tracking:
-        tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("clsmask_pretrain", tracked)
-
+        accelerator.init_trackers("clsmask_pretrain", tracked_arguments(args))
     total_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running stage-1 training *****")
-    logger.info(f"  Data = {spec.source}: {len(train_data)} train / {len(eval_data)} eval, classes {spec.class_names}")
-    if spec.skipped:
-        logger.info(f"  Skipped undecodable images: {spec.skipped}")
-    logger.info(f"  Epochs = {args.num_train_epochs}, total batch = {total_batch}, steps = {args.max_train_steps}")
-
-    completed_steps, starting_epoch, resume_step = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = find_checkpoint(
-            args.resume_from_checkpoint, os.path.join(args.output_dir, "checkpoints"), args.output_dir
-        )
-        completed_steps, starting_epoch, resume_step = resume(
-            accelerator, path, steps_per_epoch, args.gradient_accumulation_steps
-        )
+    logger.info(f"  Data = {spec.source}: {len(train_loader.dataset)} train / {len(eval_loader.dataset)} eval, "
+                f"classes {spec.class_names}, skipped undecodable: {spec.skipped or 'none'}")  # fmt: skip
+    logger.info(f"  Epochs = {schedule.num_epochs}, total batch = {total_batch}, steps = {schedule.max_steps}")
+    checkpoint_root = os.path.join(args.output_dir, "checkpoints")
+    state = resume_from(accelerator, args.resume_from_checkpoint, checkpoint_root, args.output_dir, schedule)
 
     unwrapped = accelerator.unwrap_model(model)
-    progress = tqdm(
-        range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process
-    )
-    metrics: dict = {}
-    panels = []
-    crop = (args.crop_scale_min, 1.0)
-    for epoch in range(starting_epoch, args.num_train_epochs):
-        model.train()
-        train_loader.set_epoch(epoch)
-        loader = train_loader
-        if epoch == starting_epoch and resume_step:
-            loader = accelerator.skip_first_batches(train_loader, resume_step)
-        running, count = 0.0, 0
-        for batch in loader:
-            with accelerator.accumulate(model):
-                pixels, _ = augment_batch(batch["pixel_values"], None, args.flip_prob, crop)
-                outputs = model(pixels, labels=batch["labels"])
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            running += outputs.loss.detach().float().item()
-            count += 1
-            if not accelerator.sync_gradients:
-                continue
-            completed_steps += 1
-            progress.update(1)
-            postfix = {"loss": f"{running / count:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}"}
-            gates = unwrapped.clsmask.gate_values()
-            if gates is not None:
-                postfix["gates_open"] = f"{(gates > 0).float().mean().item():.2f}"
-            progress.set_postfix(postfix)
-            if args.with_tracking:
-                accelerator.log(
-                    {"train_loss": running / count, "lr": scheduler.get_last_lr()[0]}, step=completed_steps
-                )
-            if isinstance(checkpointing_steps, int) and completed_steps % checkpointing_steps == 0:
-                save_checkpoint(
-                    accelerator,
-                    os.path.join(args.output_dir, "checkpoints", f"step_{completed_steps}"),
-                    args.output_dir,
-                )
-            if completed_steps >= args.max_train_steps:
-                break
-        last_epoch = completed_steps >= args.max_train_steps or epoch == args.num_train_epochs - 1
-        if (epoch + 1) % args.eval_every_epochs == 0 or last_epoch:
-            metrics, panels = evaluate(
-                model,
-                eval_loader,
-                accelerator,
-                unwrapped.config,
-                spec.class_names,
-                processor,
-                args.num_visualizations if last_epoch else 0,
-            )
-            metrics.update(epoch=epoch, step=completed_steps, train_loss=running / max(count, 1))
-            gates = unwrapped.clsmask.gate_values()
-            if gates is not None:
-                metrics["open_gate_fraction"] = float((gates > 0).float().mean())
-            summary = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-            logger.info(f"epoch {epoch}: {summary}")
-            if args.with_tracking:
-                accelerator.log(
-                    {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=completed_steps
-                )
-        if checkpointing_steps == "epoch":
-            folder = os.path.join(args.output_dir, "checkpoints", f"epoch_{epoch}")
-            save_checkpoint(accelerator, folder, args.output_dir)
-        if completed_steps >= args.max_train_steps:
-            break
+    results = {"metrics": {}, "panels": []}
 
-    if args.test_split in spec.dataset and args.test_split != args.validation_split:
+    def loss_fn(model, batch):
+        pixels, _ = augment_batch(batch["pixel_values"], None, args.flip_prob, (args.crop_scale_min, 1.0))
+        return model(pixels, labels=batch["labels"]).loss
+
+    def open_gates() -> dict:
+        gates = unwrapped.clsmask.gate_values()
+        return {} if gates is None else {"gates_open": f"{(gates > 0).float().mean().item():.2f}"}
+
+    def on_epoch_end(epoch: int, steps: int, is_last: bool, train_loss: float) -> None:
+        if (epoch + 1) % args.eval_every_epochs and not is_last:
+            return
+        shown = args.num_visualizations if is_last else 0
+        metrics, panels = evaluate(
+            model, eval_loader, accelerator, unwrapped.config, spec.class_names, processor, shown
+        )
+        metrics.update(epoch=epoch, step=steps, train_loss=train_loss)
+        gates = unwrapped.clsmask.gate_values()
+        if gates is not None:
+            metrics["open_gate_fraction"] = float((gates > 0).float().mean())
+        logger.info(f"epoch {epoch}: { {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)} }")
+        if args.with_tracking:
+            scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            accelerator.log(scalars, step=steps)
+        results.update(metrics=metrics, panels=panels)
+
+    train_loop(
+        accelerator, model, optimizer, train_loader, schedule, loss_fn, state=state,
+        checkpointing_steps=args.checkpointing_steps, checkpoint_root=checkpoint_root, output_dir=args.output_dir,
+        max_grad_norm=args.max_grad_norm, with_tracking=args.with_tracking, name="train", postfix=open_gates,
+        on_epoch_end=on_epoch_end,
+    )  # fmt: skip
+    metrics = results["metrics"]
+    if has_test:
         test_loader = accelerator.prepare(
-            DataLoader(
-                spec.dataset[args.test_split].with_transform(encoder),
-                collate_fn=collate,
-                batch_size=args.per_device_eval_batch_size,
-            )
+            eval_dataloader(spec.dataset[args.test_split], encoder, args.per_device_eval_batch_size)
         )
         test_metrics, _ = evaluate(model, test_loader, accelerator, unwrapped.config, spec.class_names, processor)
         metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
@@ -668,49 +431,13 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
-        processor.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
-            json.dump(metrics, handle, indent=2)
-        write_dataset_card(os.path.join(args.output_dir, "training_data.json"), spec)
-        if panels:
-            stack_rows(panels).save(os.path.join(args.output_dir, "validation_panels.png"))
-        write_model_card(args.output_dir, unwrapped.config, metrics, spec, vars(args), stage="pretrain")
-        if "pseudo_mask_mean_iou" in metrics:
-            for prefix, split in (("", args.validation_split), ("test_", args.test_split)):
-                if f"{prefix}pseudo_mask_mean_iou" not in metrics:
-                    continue
-                print(
-                    f"[{split}] pseudo-mask mIoU (image labels): {metrics[prefix + 'pseudo_mask_mean_iou']:.4f} | "
-                    f"from predictions: {metrics[prefix + 'prediction_mask_mean_iou']:.4f} | "
-                    f"baseline (every pixel = first image label): {metrics[prefix + 'baseline_mean_iou']:.4f} | "
-                    f"mAP: {metrics[prefix + 'mAP']:.4f} | "
-                    f"class assignment: {metrics[prefix + 'class_assignment_accuracy']:.4f} "
-                    f"(chance {metrics[prefix + 'class_assignment_chance']:.4f}, "
-                    f"margin {metrics[prefix + 'class_assignment_margin']:+.4f})"
-                )
-        else:
-            print(f"mAP: {metrics.get('mAP', float('nan')):.4f}  F1: {metrics.get('f1_micro', float('nan')):.4f}")
+        save_outputs(args, unwrapped, processor, metrics, results["panels"], spec, accelerator.save)
+        print_results(metrics, args)
         mark_run_finished(args.output_dir)
         if args.push_to_hub:
             push_folder(args.output_dir, args.hub_model_id, args.hub_token)
     accelerator.wait_for_everyone()
     return metrics
-
-
-def push_folder(folder: str, repo_id: str, token: str | None = None, commit_message: str = "Upload clsmask model"):
-    """Create the Hub repo (if needed) and upload the final folder, without the training checkpoints."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-    return api.upload_folder(
-        folder_path=folder,
-        repo_id=repo_id,
-        commit_message=commit_message,
-        ignore_patterns=["checkpoints/*", "checkpoints_*/*", "*.tmp", "runs/*", "clsmask_pretrain/*", RUN_MARKER],
-    )
 
 
 if __name__ == "__main__":

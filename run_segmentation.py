@@ -9,11 +9,14 @@
 
 1. Pseudo-masks for the training split, batched, from the image-level labels (the usual WSSS protocol; labels come
    from a labels column or the masks) or, with `--pseudo_label_source predictions`, from the model's predictions,
-   with optional multi-scale / flip test-time augmentation; saved as a
-   `datasets` dataset (image + pseudo_mask) with `save_to_disk` (and `--push_pseudo_masks_to_hub`).
+   with optional multi-scale / flip test-time augmentation; saved as a `datasets` dataset (image + pseudo_mask) with
+   `save_to_disk` (and `--push_pseudo_masks_to_hub`).
 2. A SegFormer (small config from scratch, or `--seg_model_name_or_path`) trained on them with Accelerate and
    evaluated (mIoU, per class) on the validation split's real masks; `--fully_supervised_baseline` trains the same
-   recipe on the real masks for a weak/full ratio.
+   recipe on the real masks, on the same images, for a weak/full ratio. Both models checkpoint and resume.
+
+Shares its plumbing (data, Accelerate loop, checkpoints, outputs) with `run_pretrain.py` through
+`modeling_clsmask/training/`.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from PIL import Image
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
+    AutoImageProcessor,
     AutoModelForSemanticSegmentation,
     SegformerConfig,
     SegformerForSemanticSegmentation,
@@ -40,32 +43,38 @@ from transformers import (
 )
 
 from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor, masks_from_class_maps
-from modeling_clsmask.data import (
+from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
+from modeling_clsmask.training.arguments import (
+    DataArguments,
+    add_data_arguments,
+    add_output_arguments,
+    add_training_arguments,
+    check_arguments,
+    optional_fraction,
+    tracked_arguments,
+)
+from modeling_clsmask.training.data import (
     IGNORE_INDEX,
     DataSpec,
     ExampleEncoder,
-    add_data_arguments,
     augment_batch,
-    collate,
+    eval_dataloader,
+    first_rows,
     load_data,
+    train_dataloader,
     validate_splits,
 )
-from modeling_clsmask.metrics import confusion_matrices, iou_from_confusion
-from modeling_clsmask.model_card import write_model_card
-from modeling_clsmask.visualization import colourise, stack_rows, titled_row
-from run_pretrain import (
+from modeling_clsmask.training.loop import make_accelerator, make_schedule, resume_from, train_loop
+from modeling_clsmask.training.metrics import confusion_matrices, iou_from_confusion
+from modeling_clsmask.training.model_card import write_model_card
+from modeling_clsmask.training.outputs import (
     claim_output_dir,
-    find_checkpoint,
     finished_run_results,
     load_pretrained,
-    make_accelerator,
-    make_schedule,
     mark_run_finished,
     push_folder,
-    resume,
-    save_checkpoint,
-    to_display_image,
 )
+from modeling_clsmask.training.visualization import colourise, stack_rows, titled_row, to_display_image
 
 
 logger = get_logger(__name__)
@@ -79,50 +88,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pseudo.add_argument("--scales", type=float, nargs="+", default=[1.0], help="Test-time scales, e.g. 1.0 0.75 1.25.")
     pseudo.add_argument("--flip", action="store_true", help="Also average horizontally flipped inputs.")
     pseudo.add_argument(
-        "--background_threshold", type=float, default=-1.0, help="Default: the stage-1 config's; 'none' via -2."
+        "--background_threshold",
+        type=optional_fraction,
+        default=AUTO,
+        help="'auto' (the stage-1 config's), 'none' (every pixel gets a class) or a number in [0, 1].",
     )
-    pseudo.add_argument("--pseudo_label_source", choices=["auto", "labels", "predictions"], default="auto")
-    pseudo.add_argument("--pseudo_batch_size", type=int, default=64)
+    pseudo.add_argument(
+        "--pseudo_label_source",
+        choices=["labels", "predictions"],
+        default="labels",
+        help="Classes painted per image: the given image labels (the WSSS protocol) or the model's predictions.",
+    )
+    pseudo.add_argument("--pseudo_batch_size", type=int, default=64, help="Batch size of pseudo-mask generation.")
     pseudo.add_argument("--pseudo_masks_dir", help="Where to save_to_disk the pseudo-labelled dataset.")
-    pseudo.add_argument("--push_pseudo_masks_to_hub", action="store_true")
-    pseudo.add_argument("--pseudo_masks_repo_id")
+    pseudo.add_argument("--push_pseudo_masks_to_hub", action="store_true", help="Push it to --pseudo_masks_repo_id.")
+    pseudo.add_argument("--pseudo_masks_repo_id", help="Hub dataset repo for --push_pseudo_masks_to_hub.")
 
     seg = parser.add_argument_group("segmentation model")
-    seg.add_argument("--seg_model_name_or_path", help="Any AutoModelForSemanticSegmentation checkpoint.")
-    seg.add_argument("--seg_image_size", type=int, help="Default: the stage-1 image size.")
-    seg.add_argument("--fully_supervised_baseline", action="store_true")
-    seg.add_argument("--per_device_train_batch_size", type=int, default=32)
-    seg.add_argument("--per_device_eval_batch_size", type=int, default=64)
-    seg.add_argument("--learning_rate", type=float, default=1e-3)
-    seg.add_argument("--weight_decay", type=float, default=0.01)
-    seg.add_argument("--num_train_epochs", type=int, default=8)
-    seg.add_argument("--max_train_steps", type=int)
-    seg.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    seg.add_argument("--lr_scheduler_type", default="cosine")
-    seg.add_argument("--warmup_ratio", type=float, default=0.05)
-    seg.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
-    seg.add_argument("--flip_prob", type=float, default=0.5)
-    seg.add_argument("--crop_scale_min", type=float, default=0.6)
-    seg.add_argument("--seed", type=int, default=42)
-
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--output_dir", default="outputs/segmentation")
-    out.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Write into a non-empty --output_dir that another run (or something else) wrote.",
+    seg.add_argument(
+        "--seg_model_name_or_path",
+        help="Any AutoModelForSemanticSegmentation checkpoint (default: a small SegFormer).",
     )
-    out.add_argument("--checkpointing_steps", help="An integer (every N steps) or 'epoch'.")
-    out.add_argument("--resume_from_checkpoint")
-    out.add_argument("--num_visualizations", type=int, default=4)
-    out.add_argument("--with_tracking", action="store_true")
-    out.add_argument("--report_to", default="tensorboard")
-    out.add_argument("--push_to_hub", action="store_true")
-    out.add_argument("--hub_model_id")
-    out.add_argument("--hub_token")
+    seg.add_argument("--seg_image_size", type=int, help="Default: the stage-1 image size.")
+    seg.add_argument(
+        "--fully_supervised_baseline",
+        action="store_true",
+        help="Also train on the real masks of the same images, for the weak/full ratio.",
+    )
+    add_training_arguments(seg, batch_size=32, learning_rate=1e-3, weight_decay=0.01, epochs=8)
+    add_output_arguments(parser, "outputs/segmentation")
     args = parser.parse_args(argv)
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id.")
+    check_arguments(parser, args)
     if args.push_pseudo_masks_to_hub and not args.pseudo_masks_repo_id:
         parser.error("--push_pseudo_masks_to_hub needs --pseudo_masks_repo_id.")
     return args
@@ -163,19 +159,12 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
     processor = ClsMaskImageProcessor.from_model_config(config)
     size = config.image_grid_size
     encoder = ExampleEncoder(spec, config.num_channels, size, processor.image_mean, processor.image_std)
-    data = spec.dataset[split]
-    limit = args.max_train_samples if split == args.train_split else args.max_eval_samples
-    if limit:
-        data = data.select(range(min(limit, len(data))))
-    # Every dataset the scripts accept has image labels (a labels column, or masks they are derived from), so
-    # "auto" means the WSSS protocol: paint the given labels.
-    source = "labels" if args.pseudo_label_source == "auto" else args.pseudo_label_source
-    background = config.background_threshold
-    if args.background_threshold is not None and args.background_threshold >= 0:
-        background = args.background_threshold
-    elif args.background_threshold is not None and args.background_threshold <= -2:
-        background = None
-    loader = DataLoader(data.with_transform(encoder), batch_size=args.pseudo_batch_size, collate_fn=collate)
+    data = first_rows(
+        spec.dataset[split], args.max_train_samples if split == args.train_split else args.max_eval_samples
+    )
+    source = args.pseudo_label_source
+    background = resolve_threshold(args.background_threshold, config.background_threshold)
+    loader = eval_dataloader(data, encoder, args.pseudo_batch_size)
     masks, confusion = [], 0
     num_labels = config.num_labels
     model.eval().to(accelerator.device)
@@ -272,6 +261,35 @@ def evaluate_segmenter(
     }, panels
 
 
+def resume_point(args, name: str) -> tuple[str | None, bool]:
+    """(what model `name` resumes from, whether a checkpoint is required). With `latest`, each model resumes from its
+    own newest checkpoint (the weak model must have one; the baseline starts afresh if it has none yet). A checkpoint
+    folder resumes the model it belongs to (`checkpoints_<name>/`); when it is the baseline's, the weak model, which
+    trained first, comes back from its own latest."""
+    given = args.resume_from_checkpoint
+    if not given or given == "latest":
+        return given, name == "weak"
+    owner = os.path.basename(os.path.dirname(os.path.normpath(given)))
+    if owner == f"checkpoints_{name}":
+        return given, True
+    return ("latest", False) if name == "weak" and owner == "checkpoints_full" else (None, False)
+
+
+def segmentation_processor(args, image_size: int, num_channels: int):
+    """The segmentation model's processor at `image_size`; non-RGB data is fed unnormalised (mean 0, std 1)."""
+    if args.seg_model_name_or_path:
+        processor = AutoImageProcessor.from_pretrained(args.seg_model_name_or_path)
+        processor.size = {"height": image_size, "width": image_size}
+    else:
+        processor = SegformerImageProcessorPil(
+            size={"height": image_size, "width": image_size}, do_reduce_labels=False
+        )
+    if num_channels != len(processor.image_mean):
+        processor.image_mean, processor.image_std = [0.0] * num_channels, [1.0] * num_channels
+        processor.do_rescale = False
+    return processor
+
+
 def train_segmenter(
     args, accelerator, train_spec: DataSpec, eval_spec: DataSpec, image_size, num_channels, name, pseudo_masks=None
 ):
@@ -279,143 +297,60 @@ def train_segmenter(
     set_seed(args.seed)
     class_names = eval_spec.class_names
     model = build_segmenter(args, class_names, image_size, num_channels)
-    processor = (
-        SegformerImageProcessorPil(size={"height": image_size, "width": image_size}, do_reduce_labels=False)
-        if not args.seg_model_name_or_path
-        else _seg_processor(args.seg_model_name_or_path, image_size)
+    processor = segmentation_processor(args, image_size, num_channels)
+    mean, std, size = processor.image_mean, processor.image_std, (image_size, image_size)
+    train_loader = train_dataloader(
+        train_spec.dataset[args.train_split],
+        ExampleEncoder(train_spec, num_channels, size, mean, std),
+        args.per_device_train_batch_size,
+        args.seed,
     )
-    if num_channels != len(processor.image_mean):
-        processor.image_mean, processor.image_std, processor.do_rescale = (
-            [0.0] * num_channels,
-            [1.0] * num_channels,
-            False,
-        )
-    mean, std = processor.image_mean, processor.image_std
-    size = (image_size, image_size)
-    train_encoder = ExampleEncoder(train_spec, num_channels, size, mean, std)
-    eval_encoder = ExampleEncoder(eval_spec, num_channels, size, mean, std)
-    train_loader = DataLoader(
-        train_spec.dataset[args.train_split].with_transform(train_encoder),
-        shuffle=True,
-        collate_fn=collate,
-        batch_size=args.per_device_train_batch_size,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    eval_data = eval_spec.dataset[args.validation_split]
-    if args.max_eval_samples:
-        eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
-    eval_loader = DataLoader(
-        eval_data.with_transform(eval_encoder), collate_fn=collate, batch_size=args.per_device_eval_batch_size
+    eval_loader = eval_dataloader(
+        eval_spec.dataset[args.validation_split],
+        ExampleEncoder(eval_spec, num_channels, size, mean, std),
+        args.per_device_eval_batch_size,
+        args.max_eval_samples,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch, max_steps, epochs, scheduler = make_schedule(args, optimizer, train_loader, accelerator)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
+    schedule = make_schedule(
+        optimizer, train_loader, accelerator, args.num_train_epochs, args.max_train_steps, args.lr_scheduler_type,
+        args.warmup_ratio,
+    )  # fmt: skip
+    model, optimizer, train_loader, eval_loader, schedule.scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, schedule.scheduler
     )
     checkpoint_root = os.path.join(args.output_dir, f"checkpoints_{name}")
-    completed, start_epoch, resume_step = 0, 0, 0
-    if args.resume_from_checkpoint and name == "weak":
-        path = find_checkpoint(args.resume_from_checkpoint, checkpoint_root, args.output_dir)
-        completed, start_epoch, resume_step = resume(
-            accelerator, path, steps_per_epoch, args.gradient_accumulation_steps
-        )
-    step_every = (
-        int(args.checkpointing_steps) if args.checkpointing_steps and args.checkpointing_steps.isdigit() else None
-    )
-    progress = tqdm(
-        range(max_steps), initial=completed, desc=f"train ({name})", disable=not accelerator.is_local_main_process
-    )
-    crop = (args.crop_scale_min, 1.0)
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        train_loader.set_epoch(epoch)
-        loader = (
-            accelerator.skip_first_batches(train_loader, resume_step)
-            if epoch == start_epoch and resume_step
-            else train_loader
-        )
-        for batch in loader:
-            with accelerator.accumulate(model):
-                pixels, masks = augment_batch(batch["pixel_values"], batch["mask"], args.flip_prob, crop)
-                loss = model(pixel_values=pixels, labels=masks).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                completed += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                if args.with_tracking:
-                    accelerator.log({f"{name}_train_loss": loss.item()}, step=completed)
-                if step_every and completed % step_every == 0:
-                    save_checkpoint(accelerator, os.path.join(checkpoint_root, f"step_{completed}"), args.output_dir)
-            if completed >= max_steps:
-                break
-        if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, os.path.join(checkpoint_root, f"epoch_{epoch}"), args.output_dir)
-        if completed >= max_steps:
-            break
+    resume, required = resume_point(args, name)
+    state = resume_from(accelerator, resume, checkpoint_root, args.output_dir, schedule, required=required)
+
+    def loss_fn(model, batch):
+        pixels, masks = augment_batch(batch["pixel_values"], batch["mask"], args.flip_prob, (args.crop_scale_min, 1.0))
+        return model(pixel_values=pixels, labels=masks).loss
+
+    train_loop(
+        accelerator, model, optimizer, train_loader, schedule, loss_fn, state=state,
+        checkpointing_steps=args.checkpointing_steps, checkpoint_root=checkpoint_root, output_dir=args.output_dir,
+        with_tracking=args.with_tracking, name=name,
+    )  # fmt: skip
     metrics, panels = evaluate_segmenter(
-        model,
-        eval_loader,
-        accelerator,
-        len(class_names),
-        args.num_visualizations,
-        class_names,
-        mean,
-        std,
+        model, eval_loader, accelerator, len(class_names), args.num_visualizations, class_names, mean, std,
         pseudo_masks,
-    )
+    )  # fmt: skip
     logger.info(f"{name} segmentation: mIoU {metrics['mean_iou']:.4f}")
     return accelerator.unwrap_model(model), processor, metrics, panels
 
 
-def _seg_processor(name_or_path: str, image_size: int):
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(name_or_path)
-    processor.size = {"height": image_size, "width": image_size}
-    return processor
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    accelerator = make_accelerator(args)
-    marker = claim_output_dir(args, accelerator, "run_segmentation")
-    if marker.get("finished_before"):
-        return finished_run_results(args.output_dir)
-    set_seed(args.seed)
-    if args.with_tracking:
-        accelerator.init_trackers(
-            "clsmask_segmentation", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
-
-    stage1 = load_pretrained(
-        ClsMaskForMultiLabelClassification.from_pretrained, args.model_name_or_path, "--model_name_or_path"
-    )
-    with accelerator.main_process_first():
-        spec = load_data(args)
-    if list(spec.class_names) != [stage1.config.id2label[i] for i in range(stage1.config.num_labels)]:
-        raise ValueError(
-            f"The dataset's classes {spec.class_names} differ from the stage-1 model's "
-            f"{[stage1.config.id2label[i] for i in range(stage1.config.num_labels)]}."
-        )
-    if not spec.has_masks:
-        raise ValueError(
-            "Stage 2 evaluates against real masks: the dataset needs a mask column in its validation split."
-        )
-    validate_splits(spec, [args.train_split, args.validation_split])
-
-    # 1. Pseudo-masks (computed on the main process, shared through the saved dataset).
+def make_pseudo_masks(args, accelerator, stage1, spec: DataSpec) -> tuple[datasets.DatasetDict, dict]:
+    """Pseudo-mask the training and validation splits on the main process and share them through `save_to_disk`."""
     pseudo_dir = args.pseudo_masks_dir or os.path.join(args.output_dir, "pseudo_masks")
     report = {}
     if accelerator.is_main_process:
         pseudo_train, report = generate_pseudo_masks(stage1, spec, args.train_split, args, accelerator)
         pseudo_val, val_report = generate_pseudo_masks(stage1, spec, args.validation_split, args, accelerator)
         report.update({f"validation_{k}": v for k, v in val_report.items() if k.startswith("pseudo_mask")})
-        splits = {args.train_split: pseudo_train, args.validation_split: pseudo_val}
-        datasets.DatasetDict(splits).save_to_disk(pseudo_dir)
+        datasets.DatasetDict({args.train_split: pseudo_train, args.validation_split: pseudo_val}).save_to_disk(
+            pseudo_dir
+        )
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "pseudo_mask_results.json"), "w") as handle:
             json.dump(report, handle, indent=2)
@@ -427,21 +362,68 @@ def main(argv: list[str] | None = None) -> dict:
         if args.push_pseudo_masks_to_hub:
             datasets.load_from_disk(pseudo_dir).push_to_hub(args.pseudo_masks_repo_id, token=args.hub_token)
     accelerator.wait_for_everyone()
+    return datasets.load_from_disk(pseudo_dir), report
+
+
+def save_outputs(args, model, processor, results: dict, panels: list, spec: DataSpec) -> None:
+    """The final folder: the weak model, its processor, results, panels and model card; prints the summary line."""
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    if panels:
+        stack_rows(panels).save(os.path.join(args.output_dir, "validation_panels.png"))
+    card_metrics = {"mean_iou": results["segmentation_mean_iou"]}
+    card_metrics.update({k: v for k, v in results.items() if isinstance(v, float)})
+    card_args = {**vars(args), "init_from": args.seg_model_name_or_path}
+    write_model_card(args.output_dir, model.config, card_metrics, spec, card_args, stage="segmentation")
+    line = f"segmentation mIoU (validation, trained on pseudo-masks): {results['segmentation_mean_iou']:.4f}"
+    if "fully_supervised_mean_iou" in results:
+        line += (
+            f" | fully supervised: {results['fully_supervised_mean_iou']:.4f}"
+            f" | ratio {results['weak_to_full_ratio']:.3f} (both trained on {results['weak_train_images']} images)"
+        )
+    print(line)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = make_accelerator(
+        args.gradient_accumulation_steps, args.mixed_precision, args.with_tracking and args.report_to, args.output_dir
+    )
+    if claim_output_dir(args, accelerator, "run_segmentation").get("finished_before"):
+        return finished_run_results(args.output_dir)
+    set_seed(args.seed)
+    if args.with_tracking:
+        accelerator.init_trackers("clsmask_segmentation", tracked_arguments(args))
+
+    stage1 = load_pretrained(
+        ClsMaskForMultiLabelClassification.from_pretrained, args.model_name_or_path, "--model_name_or_path"
+    )
+    with accelerator.main_process_first():
+        spec = load_data(DataArguments.from_namespace(args))
+    stage1_classes = [stage1.config.id2label[i] for i in range(stage1.config.num_labels)]
+    if list(spec.class_names) != stage1_classes:
+        raise ValueError(f"The dataset's classes {spec.class_names} differ from the stage-1 model's {stage1_classes}.")
+    if not spec.has_masks:
+        raise ValueError(
+            "Stage 2 evaluates against real masks: the dataset needs a mask column in its validation split."
+        )
+    validate_splits(spec, [args.train_split, args.validation_split])
+
+    # 1. Pseudo-masks for the training and validation splits.
+    pseudo, report = make_pseudo_masks(args, accelerator, stage1, spec)
     image_size = args.seg_image_size or stage1.config.image_grid_size[0]
     num_channels = stage1.config.num_channels
     del stage1
-    pseudo = datasets.load_from_disk(pseudo_dir)
 
-    # 2. Segmentation on pseudo-masks (and, optionally, on the real masks with the same recipe).
-    # Segmentation training reads masks only (labels_format "mask"): pseudo-masks here, real masks for the baseline.
+    # 2. Segmentation on the pseudo-masks (training reads masks only: labels_format "mask").
     weak_spec = dataclasses.replace(
         spec, dataset=pseudo, mask_column="pseudo_mask", labels_column=None, labels_format="mask",
         source=f"pseudo-masks of {spec.source}",
     )  # fmt: skip
-    first = pseudo[args.validation_split].select(
-        range(min(args.num_visualizations, len(pseudo[args.validation_split])))
-    )
-    shown = [np.asarray(example["pseudo_mask"].resize((image_size, image_size), Image.NEAREST)) for example in first]
+    shown = first_rows(pseudo[args.validation_split], args.num_visualizations)
+    shown = [np.asarray(example["pseudo_mask"].resize((image_size, image_size), Image.NEAREST)) for example in shown]
     model, processor, metrics, panels = train_segmenter(
         args, accelerator, weak_spec, spec, image_size, num_channels, "weak", shown
     )
@@ -449,13 +431,13 @@ def main(argv: list[str] | None = None) -> dict:
         "segmentation_mean_iou": metrics["mean_iou"],
         "segmentation_per_class_iou": metrics["per_class_iou"],
         **report,
+        "weak_train_images": len(pseudo[args.train_split]),
     }
-    results["weak_train_images"] = len(pseudo[args.train_split])
+    # 3. Optionally the same recipe on the real masks of the same images (the first max_train_samples), so that the
+    # weak/full ratio compares like with like.
     if args.fully_supervised_baseline:
-        # The same training images as the weak model (its pseudo-masks were made for the first max_train_samples),
-        # so that the weak/full ratio compares like with like.
         full_data = datasets.DatasetDict(dict(spec.dataset))
-        full_data[args.train_split] = full_data[args.train_split].select(range(results["weak_train_images"]))
+        full_data[args.train_split] = first_rows(full_data[args.train_split], results["weak_train_images"])
         full_spec = dataclasses.replace(spec, dataset=full_data, labels_column=None, labels_format="mask")
         _, _, full, _ = train_segmenter(args, accelerator, full_spec, spec, image_size, num_channels, "full")
         results.update(
@@ -469,31 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.end_training()
 
     if accelerator.is_main_process:
-        model.save_pretrained(args.output_dir)
-        processor.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as handle:
-            json.dump(results, handle, indent=2)
-        if panels:
-            stack_rows(panels).save(os.path.join(args.output_dir, "validation_panels.png"))
-        card_metrics = {
-            "mean_iou": results["segmentation_mean_iou"],
-            **{k: v for k, v in results.items() if isinstance(v, float)},
-        }
-        write_model_card(
-            args.output_dir,
-            model.config,
-            card_metrics,
-            spec,
-            {**vars(args), "init_from": args.seg_model_name_or_path},
-            stage="segmentation",
-        )
-        line = f"segmentation mIoU (validation, trained on pseudo-masks): {results['segmentation_mean_iou']:.4f}"
-        if "fully_supervised_mean_iou" in results:
-            line += (
-                f" | fully supervised: {results['fully_supervised_mean_iou']:.4f}"
-                f" | ratio {results['weak_to_full_ratio']:.3f} (both trained on {results['weak_train_images']} images)"
-            )
-        print(line)
+        save_outputs(args, model, processor, results, panels, spec)
         mark_run_finished(args.output_dir)
         if args.push_to_hub:
             push_folder(

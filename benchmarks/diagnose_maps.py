@@ -22,21 +22,21 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor  # noqa: E402
-from modeling_clsmask.data import ExampleEncoder, add_data_arguments, collate, load_data  # noqa: E402
-from modeling_clsmask.metrics import (  # noqa: E402
+from modeling_clsmask.pseudo_masks import masks_from_class_maps  # noqa: E402
+from modeling_clsmask.training.arguments import DataArguments, add_data_arguments  # noqa: E402
+from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data  # noqa: E402
+from modeling_clsmask.training.metrics import (  # noqa: E402
     class_assignment_counts,
     class_assignment_summary,
     confusion_matrices,
     iou_from_confusion,
 )
-from modeling_clsmask.pseudo_masks import masks_from_class_maps  # noqa: E402
 
 
 MASS_KEYS = ("own region", "other present", "background", "other class tokens", "itself", "[REG]")
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("checkpoint", help="A folder written by run_pretrain.py (or a Hub id).")
     parser.add_argument("--split", default="validation", help="Split to diagnose (default: validation).")
     parser.add_argument("--max_samples", type=int, default=300, help="Images used at most.")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass.")
     parser.add_argument("--output_dir", help="Where diagnosis.json/.png go (default: the checkpoint folder).")
     parser.add_argument("--num_visualizations", type=int, default=6, help="Images drawn in diagnosis_maps.png.")
     add_data_arguments(parser)
@@ -106,17 +106,16 @@ def main(argv=None) -> dict:
     model = ClsMaskForSemanticSegmentation.from_pretrained(args.checkpoint).eval()
     processor = ClsMaskImageProcessor.from_pretrained(args.checkpoint)
     config = model.config
-    spec = load_data(args)
+    spec = load_data(DataArguments.from_namespace(args))
     if not spec.has_masks:
         raise ValueError(f"{spec.source} has no masks: the diagnosis compares maps with ground-truth regions.")
     if args.split not in spec.dataset:
         raise ValueError(f"Split {args.split!r} not found; the dataset has {list(spec.dataset)}.")
-    data = spec.dataset[args.split]
-    data = data.select(range(min(args.max_samples, len(data))))
+    data = spec.dataset[args.split].select(range(min(args.max_samples, len(spec.dataset[args.split]))))
     encoder = ExampleEncoder(
         spec, config.num_channels, config.image_grid_size, processor.image_mean, processor.image_std
     )
-    loader = DataLoader(data.with_transform(encoder), batch_size=args.batch_size, collate_fn=collate)
+    loader = eval_dataloader(data, encoder, args.batch_size)
 
     base = model.clsmask
     layers = base.class_attention_layers(config.num_hidden_layers - base.first_class_token_layer())
@@ -223,7 +222,7 @@ def draw(pictures, processor, class_names, foreground, count, output_dir) -> Non
     """One row per image: the image, its ground truth, then each layer's map of each image label."""
     from PIL import Image
 
-    from modeling_clsmask.visualization import colourise, heatmap, stack_rows, titled_row
+    from modeling_clsmask.training.visualization import colourise, heatmap, stack_rows, titled_row
 
     mean = torch.tensor(processor.image_mean).view(-1, 1, 1)
     std = torch.tensor(processor.image_std).view(-1, 1, 1)

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
 
-from .pseudo_masks import masks_from_class_maps
+from .pseudo_masks import AUTO, masks_from_class_maps, resolve_threshold
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -125,18 +125,17 @@ class ClsMaskImageProcessor(PilBackend):
         self,
         outputs,
         target_sizes: list[tuple[int, int]] | None = None,
-        background_threshold: float | None = -1.0,
+        background_threshold: float | str | None = AUTO,
         background_label_id: int | None = None,
     ) -> list[torch.Tensor]:
         """Pseudo-masks (paper, Sec. 3) as a list of (H, W) label tensors, one per image.
 
         `outputs` is a `ClsMaskSemanticSegmenterOutput`; the classes used are `outputs.present` (predicted, or the
         given image labels). `target_sizes` gives each image's (H, W); without it, masks have the class maps' own
-        (patch-grid) resolution. `background_threshold=-1.0` (default) means "use this processor's setting";
-        pass `None` to force every pixel to a foreground class.
+        (patch-grid) resolution. `background_threshold="auto"` (default) means "use this processor's setting";
+        pass `None` to force every pixel to a foreground class, or a number in [0, 1].
         """
-        if background_threshold is not None and background_threshold < 0:
-            background_threshold = self.background_threshold
+        background_threshold = resolve_threshold(background_threshold, self.background_threshold)
         if background_label_id is None:
             background_label_id = self.background_label_id
         class_maps = getattr(outputs, "class_maps", None)

@@ -6,9 +6,7 @@ Saved with every checkpoint (`custom_pipelines` in config.json), so
 
 from __future__ import annotations
 
-import math
 import os
-from numbers import Real
 
 import numpy as np
 import torch
@@ -17,18 +15,16 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 
 from .image_processing_clsmask import to_8bit
-from .pseudo_masks import masks_from_class_maps
-
-
-_UNSET = object()
+from .pseudo_masks import AUTO, masks_from_class_maps, resolve_threshold
 
 
 class ClsMaskSegmentationPipeline(Pipeline):
     """Returns, per image, `[{"score": probability, "label": name, "mask": PIL "L" image}]`, one per painted class.
 
     Parameters (call time): `threshold` (class probability at which a class counts as predicted, default the config's
-    `class_threshold`), `background_threshold` (default the config's; `None` paints every pixel with a class), and
-    `labels` (class names or ids known to be in the image: masks are restricted to them, the WSSS protocol).
+    `class_threshold`), `background_threshold` (`"auto"`, the default: the config's; `None` paints every pixel with a
+    class; or a number in [0, 1]), and `labels` (class names or ids known to be in the image: masks are restricted to
+    them, the WSSS protocol).
     Background, where the model has a background threshold, is returned with `score=None`: it is not a predicted
     class but what is left over. Inputs: paths, URLs, PIL images, numpy arrays (uint8, uint16 or floats in [0, 1];
     H x W, H x W x C or C x H x W), or lists of them; `batch_size` batches the model calls (same results).
@@ -39,16 +35,7 @@ class ClsMaskSegmentationPipeline(Pipeline):
             return []
         return super().__call__(inputs, **kwargs)
 
-    @staticmethod
-    def _check_fraction(name: str, value, allow_none: bool = False):
-        if value is None and allow_none:
-            return None
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not 0 <= value <= 1:
-            allowed = "a number in [0, 1]" + (" or None" if allow_none else "")
-            raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
-        return float(value)
-
-    def _sanitize_parameters(self, threshold=None, background_threshold=_UNSET, labels=None, timeout=None, **kwargs):
+    def _sanitize_parameters(self, threshold=None, labels=None, timeout=None, **kwargs):
         preprocess = {}
         if labels is not None:
             self._label_vector(labels)  # validate once, at call time, with a message naming the argument
@@ -57,11 +44,12 @@ class ClsMaskSegmentationPipeline(Pipeline):
             preprocess["timeout"] = timeout
         postprocess = {}
         if threshold is not None:
-            postprocess["threshold"] = self._check_fraction("threshold", threshold)
-        if background_threshold is not _UNSET:
-            postprocess["background_threshold"] = self._check_fraction(
-                "background_threshold", background_threshold, allow_none=True
-            )
+            if isinstance(threshold, str):
+                raise ValueError(f"`threshold` must be a number in [0, 1]; got {threshold!r}.")
+            postprocess["threshold"] = resolve_threshold(threshold, None, "threshold")
+        if "background_threshold" in kwargs:  # only when given: a call must not undo the pipeline's own setting
+            resolve_threshold(kwargs["background_threshold"], None)  # validated now, with a message naming it
+            postprocess["background_threshold"] = kwargs["background_threshold"]
         return preprocess, {}, postprocess
 
     def _label_vector(self, labels) -> torch.Tensor:
@@ -127,14 +115,13 @@ class ClsMaskSegmentationPipeline(Pipeline):
             "target_size": target_size,
         }
 
-    def postprocess(self, model_outputs, threshold=None, background_threshold=_UNSET):
+    def postprocess(self, model_outputs, threshold=None, background_threshold=AUTO):
         config = self.model.config
         probs = model_outputs["class_probs"].float()
         present = model_outputs["present"]
         if threshold is not None and not bool(model_outputs["image_labels_given"][0]):
             present = probs >= threshold
-        if background_threshold is _UNSET:
-            background_threshold = config.background_threshold
+        background_threshold = resolve_threshold(background_threshold, config.background_threshold)
         background = config.background_label_id
         mask = masks_from_class_maps(
             model_outputs["class_maps"],

@@ -8,8 +8,29 @@ pixels whose best normalised class score is below `background_threshold` become 
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 import torch.nn.functional as F
+
+
+AUTO = "auto"
+"""The one spelling, in Python and on every command line, of "this option's configured default" for optional
+thresholds (`background_threshold`): `"auto"` takes the default, `None` (`none` on a command line) switches the
+option off, a number in [0, 1] sets it."""
+
+
+def resolve_threshold(value, default: float | None, name: str = "background_threshold") -> float | None:
+    """`AUTO` -> `default`; `None` -> `None`; a number in [0, 1] -> that float; anything else -> a ValueError naming
+    the argument (a threshold of 1.5 or nan would paint everything or nothing without a word)."""
+    if isinstance(value, str) and value.lower() == AUTO:
+        return default
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError(f"`{name}` must be {AUTO!r}, None or a number in [0, 1]; got {value!r}.")
+    return float(value)
 
 
 # Elements of the (rows, width, width) distance block computed at once by the nearest fill (about 64 MB).

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from modeling_clsmask.metrics import (
+from modeling_clsmask.training.metrics import (
     average_precision,
     class_assignment_counts,
     class_assignment_summary,

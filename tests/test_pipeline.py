@@ -15,7 +15,7 @@ from modeling_clsmask import (
     ClsMaskImageProcessor,
     ClsMaskSegmentationPipeline,
 )
-from modeling_clsmask.visualization import attention_panel, draw_segments, overlay
+from modeling_clsmask.training.visualization import attention_panel, draw_segments, overlay
 
 
 def biased_model(**overrides):

@@ -233,7 +233,7 @@ def _png_bytes(image):
         ("out_of_range", r"Label id 7 is out of range: the model has 2 labels"),
         ("mask_size", r"A mask has size 16x16 but its image is 32x32"),
         ("channels", r"An image has 4 channels \(shape \(32, 32, 4\)\), but the model expects num_channels=3"),
-        ("wrong_column", r"--labels_column 'tags' is not a column of the dataset"),
+        ("wrong_column", r"labels_column 'tags' is not a column of the dataset"),
     ],
 )
 def test_bad_inputs(tmp_path, case, message):
@@ -358,7 +358,7 @@ def make_splits(path, train: list[dict], validation: list[dict], features: datas
 
 
 def test_empty_or_missing_split_is_named():
-    from modeling_clsmask.data import DataSpec, validate_splits
+    from modeling_clsmask.training.data import DataSpec, validate_splits
 
     features = datasets.Features({"image": datasets.Image(), "labels": datasets.List(datasets.Value("int64"))})
     data = datasets.DatasetDict(

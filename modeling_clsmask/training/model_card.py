@@ -1,13 +1,26 @@
-"""Model cards for trained checkpoints, filled from the templates in `model_cards/` with huggingface_hub."""
+"""Model cards for trained checkpoints, filled from the templates in `model_cards/` with huggingface_hub.
+
+The templates live at the top of the repository (`model_cards/`) and are installed with the package as
+`modeling_clsmask.training.model_cards` (see `pyproject.toml`), so a non-editable install writes cards too.
+"""
 
 from __future__ import annotations
 
 import os
+from importlib.resources import files
+from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
+def template_dir() -> Path:
+    """Where the card templates are: installed with the package, or in the checkout this package is imported from."""
+    try:
+        return Path(str(files(f"{__package__}.model_cards")))
+    except ModuleNotFoundError:  # a checkout on sys.path without an install
+        return Path(__file__).resolve().parents[2] / "model_cards"
+
+
 REPO_URL = "https://github.com/clsmask/clsmask"
 PAPER = "arXiv:2507.06848"
 CARD_HYPERPARAMETERS = (
@@ -73,7 +86,7 @@ def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, s
     splits = ", ".join(f"{name}: {len(split)}" for name, split in spec.dataset.items())
     card = ModelCard.from_template(
         card_data,
-        template_path=os.path.join(TEMPLATES, f"{stage}.md"),
+        template_path=str(template_dir() / f"{stage}.md"),
         model_name=model_name,
         model_id=args.get("hub_model_id") or output_dir,
         repo_url=REPO_URL,

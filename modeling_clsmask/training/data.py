@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .arguments import DataArguments
+
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class DataSpec:
     background_label_id: int | None
     source: str
     skipped: dict[str, int] = field(default_factory=dict)
+    # 1 when a "background" class was put first for masks that store class k as k + 1 (labels column ids are shifted).
+    label_offset: int = 0
 
     @property
     def has_masks(self) -> bool:
@@ -105,12 +109,13 @@ def load_any(dataset_name: str, dataset_config_name: str | None = None, cache_di
 def _pick(columns: list[str], requested: str | None, candidates: tuple[str, ...], what: str, required: bool):
     if requested:
         if requested not in columns:
-            raise ValueError(f"--{what}_column {requested!r} is not a column of the dataset; it has {columns}.")
+            raise ValueError(f"{what}_column {requested!r} is not a column of the dataset; it has {columns}.")
         return requested
     found = next((name for name in candidates if name in columns), None)
     if found is None and required:
         raise ValueError(
-            f"No usable {what} column: the dataset has columns {columns}. Pass --{what}_column with one of them."
+            f"No usable {what} column: the dataset has columns {columns}. Set {what}_column (--{what}_column) to "
+            "one of them."
         )
     return found
 
@@ -162,8 +167,20 @@ def resolve_dataset(
     mask_column: str | None = None,
     label_names: list[str] | None = None,
     background_label_id: int | None = None,
+    mask_label_offset: int = 0,
 ) -> DataSpec:
-    """Find the image / labels / mask columns and the class names, with errors that list what the data has."""
+    """Find the image / labels / mask columns and the class names, with errors that list what the data has.
+
+    `mask_label_offset=1`: the masks store class k as k + 1 with 0 = background (VOC layout) while the labels column
+    and the class names cover the foreground only; a "background" class is put first (label id 0) and the labels
+    column's ids are read shifted by one, so labels and masks number classes alike.
+    """
+    if mask_label_offset not in (0, 1):
+        raise ValueError(f"mask_label_offset must be 0 or 1, got {mask_label_offset!r}.")
+    if mask_label_offset and background_label_id not in (None, 0):
+        raise ValueError(
+            f"mask_label_offset 1 makes background label 0; background_label_id {background_label_id} contradicts it."
+        )
     split = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     columns = list(split.column_names)
     image_column = _pick(columns, image_column, IMAGE_COLUMNS, "image", required=True)
@@ -198,24 +215,32 @@ def resolve_dataset(
                     + 1
                 )
             class_names = [f"class_{i}" for i in range(num)]
-            logger.warning("No class names in the dataset; using %s. Pass --label_names to name them.", class_names)
+            logger.warning("No class names in the dataset; using %s. Set label_names (--label_names).", class_names)
         labels_format = _labels_format(split.features[labels_column], sample, len(class_names))
     else:
         labels_format = "mask"
         if class_names is None:
             raise ValueError(
                 f"No labels column among {columns}: image labels will be derived from the {mask_column!r} column, "
-                "but class names are needed. Pass --label_names (background first if the masks have one)."
+                "but class names are needed. Set label_names (--label_names; background first if the masks have one)."
             )
+    class_names = list(class_names)
+    if mask_label_offset:
+        if "background" in class_names:
+            raise ValueError(
+                f"mask_label_offset 1 adds a 'background' class, but the class names already have one: {class_names}."
+            )
+        class_names, background_label_id = ["background", *class_names], 0
     return DataSpec(
         dataset=dataset,
-        class_names=list(class_names),
+        class_names=class_names,
         image_column=image_column,
         labels_column=labels_column,
         mask_column=mask_column,
         labels_format=labels_format,
         background_label_id=background_label_id,
         source=source,
+        label_offset=mask_label_offset,
     )
 
 
@@ -285,8 +310,8 @@ def drop_undecodable(spec: DataSpec) -> DataSpec:
 
 
 MASK_LAYOUT_HINT = (
-    "Check that the masks number classes as the labels do (a common other layout stores class k as k + 1 with "
-    "0 = background and 255 = void)."
+    "Check that the masks number classes as the labels do. If the masks store class k as k + 1 with 0 = background "
+    "and 255 = void (the VOC layout) while the labels column holds foreground ids, pass --mask_label_offset 1."
 )
 
 
@@ -305,26 +330,29 @@ def validate_splits(spec: DataSpec, splits: list[str]) -> None:
             continue
         for row, value in enumerate(split[spec.labels_column]):
             try:
-                labels_to_multihot(value, spec.labels_format, num_labels, spec.class_names)
+                labels_to_multihot(value, spec.labels_format, num_labels, spec.class_names, spec.label_offset)
             except (ValueError, TypeError) as error:
                 raise ValueError(f"Split {name!r}, row {row}, labels {value!r}: {error}") from None
 
 
-def load_data(args) -> DataSpec:
-    """The dataset named by the script arguments (built-in shapes when none is given)."""
-    if getattr(args, "voc_root", None):
+def load_data(args: DataArguments) -> DataSpec:
+    """The dataset `args` names (built-in shapes when none is given), checked image by image (`drop_undecodable`)."""
+    if args.voc_root and args.dataset_name:
+        raise ValueError("Give either voc_root (--voc_root) or dataset_name (--dataset_name), not both.")
+    if args.voc_root:
         spec = resolve_dataset(
             load_voc(args.voc_root), f"voc:{args.voc_root}", label_names=VOC_CLASSES, background_label_id=0
         )
-    elif getattr(args, "dataset_name", None):
+    elif args.dataset_name:
         spec = resolve_dataset(
-            load_any(args.dataset_name, getattr(args, "dataset_config_name", None), getattr(args, "cache_dir", None)),
+            load_any(args.dataset_name, args.dataset_config_name, args.cache_dir),
             args.dataset_name,
             image_column=args.image_column,
             labels_column=args.labels_column,
             mask_column=args.mask_column,
             label_names=args.label_names,
             background_label_id=args.background_label_id,
+            mask_label_offset=args.mask_label_offset,
         )
     else:
         from .synthetic_shapes import build_synthetic_dataset
@@ -338,34 +366,6 @@ def load_data(args) -> DataSpec:
             background_label_id=0,
         )
     return drop_undecodable(spec)
-
-
-def add_data_arguments(parser) -> None:
-    """The data options shared by run_pretrain.py and run_segmentation.py."""
-    data = parser.add_argument_group("data (default: the built-in synthetic shapes dataset)")
-    data.add_argument("--dataset_name", help="Hub id, save_to_disk folder, or any folder/file load_dataset reads.")
-    data.add_argument("--dataset_config_name")
-    data.add_argument("--voc_root", help="PASCAL VOC style tree (JPEGImages, SegmentationClass[Aug], ImageSets).")
-    data.add_argument("--image_column")
-    data.add_argument("--labels_column")
-    data.add_argument("--mask_column")
-    data.add_argument("--label_names", nargs="+", help="Class names when the dataset has none.")
-    data.add_argument("--background_label_id", type=int, help="Label id of background in the masks, if any.")
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--validation_split", default="validation")
-    data.add_argument("--max_train_samples", type=int)
-    data.add_argument("--max_eval_samples", type=int)
-    data.add_argument("--train_size", type=int, default=6000, help="Built-in dataset: training images.")
-    data.add_argument("--validation_size", type=int, default=300, help="Built-in dataset: validation/test images.")
-    data.add_argument("--synthetic_image_size", type=int, default=64)
-    data.add_argument(
-        "--synthetic_generator",
-        default="shapes-random-colour",
-        choices=["shapes-random-colour", "glyphs", "shapes"],
-        help="Built-in dataset: which generator (see modeling_clsmask/synthetic_shapes.py).",
-    )
-    data.add_argument("--data_seed", type=int, default=0)
-    data.add_argument("--cache_dir")
 
 
 def image_to_array(image, num_channels: int) -> np.ndarray:
@@ -399,8 +399,15 @@ def mask_to_array(mask) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def labels_to_multihot(value, fmt: str, num_labels: int, class_names: list[str] | None = None) -> np.ndarray:
-    """One example's labels as a (num_labels,) multi-hot vector, with range checks."""
+def labels_to_multihot(
+    value, fmt: str, num_labels: int, class_names: list[str] | None = None, offset: int = 0
+) -> np.ndarray:
+    """One example's labels as a (num_labels,) multi-hot vector, with range checks. With `offset`, the labels number
+    the classes after the first `offset` ones (a background class put first, see `resolve_dataset`)."""
+    if offset:
+        target = np.zeros(num_labels, dtype=np.float32)
+        target[offset:] = labels_to_multihot(value, fmt, num_labels - offset, (class_names or [])[offset:])
+        return target
     target = np.zeros(num_labels, dtype=np.float32)
     if fmt == "names":
         index = {name: i for i, name in enumerate(class_names or [])}
@@ -468,7 +475,11 @@ class ExampleEncoder:
                 target = labels_from_mask(mask, self.num_labels, spec.background_label_id)
             else:
                 target = labels_to_multihot(
-                    batch[spec.labels_column][i], spec.labels_format, self.num_labels, spec.class_names
+                    batch[spec.labels_column][i],
+                    spec.labels_format,
+                    self.num_labels,
+                    spec.class_names,
+                    spec.label_offset,
                 )
                 if mask is not None:
                     present = np.unique(mask)
@@ -494,6 +505,30 @@ class ExampleEncoder:
         return out
 
 
+def first_rows(data, count: int | None):
+    """The first `count` rows of a split (all of them when `count` is None)."""
+    return data if not count else data.select(range(min(count, len(data))))
+
+
+def train_dataloader(data, encoder: ExampleEncoder, batch_size: int, seed: int, max_samples: int | None = None):
+    """Shuffled training batches. The loader's own generator keeps iterator creation from drawing on the global RNG,
+    which augmentation and token masking use: a resumed run (RNG restored by load_state) replays the same numbers."""
+    return torch.utils.data.DataLoader(
+        first_rows(data, max_samples).with_transform(encoder),
+        shuffle=True,
+        collate_fn=collate,
+        batch_size=batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def eval_dataloader(data, encoder: ExampleEncoder, batch_size: int, max_samples: int | None = None):
+    """Evaluation batches, in order."""
+    return torch.utils.data.DataLoader(
+        first_rows(data, max_samples).with_transform(encoder), collate_fn=collate, batch_size=batch_size
+    )
+
+
 def collate(examples: list[dict]) -> dict:
     batch = {
         "pixel_values": torch.stack([ex["pixel_values"] for ex in examples]),
@@ -509,7 +544,6 @@ def augment_batch(
     masks: torch.Tensor | None,
     flip_prob: float = 0.5,
     crop_scale: tuple[float, float] = (1.0, 1.0),
-    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Batched horizontal flip + random resized crop (square aspect), one affine grid per sample, no Python loop.
 
@@ -517,7 +551,7 @@ def augment_batch(
     """
     batch = pixel_values.shape[0]
     device = pixel_values.device
-    rand = torch.rand(batch, 4, device=device, generator=generator)
+    rand = torch.rand(batch, 4, device=device)
     scale = (crop_scale[0] + (crop_scale[1] - crop_scale[0]) * rand[:, 0]).sqrt()  # side fraction
     shift_x = (1 - scale) * (2 * rand[:, 1] - 1)
     shift_y = (1 - scale) * (2 * rand[:, 2] - 1)

@@ -14,7 +14,7 @@ import numpy as np
 
 
 CLASS_NAMES = ["background", "disk", "square", "triangle", "cross", "ring"]
-DEFAULT_SPLITS = {"train": 4000, "validation": 300, "test": 300}
+DEFAULT_SPLITS = {"train": 6000, "validation": 300, "test": 300}
 DEFAULT_IMAGE_SIZE = 64
 # Rotation range per shape (radians): small, so that each class keeps a local signature a patch can see
 # (axis-aligned edges for square and cross, slanted edges for the triangle, curved edges for disk and ring).
@@ -175,13 +175,14 @@ def build_synthetic_dataset(
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     num_proc: int | None = None,
-    generator: str = "shapes",
+    generator: str = "shapes-random-colour",
 ):
     """A generated dataset as a `datasets.DatasetDict` with columns image (Image), labels (list of ClassLabel),
     mask (Image, 0 = background). Splits use disjoint seeds, so the same arguments give the same data everywhere.
 
-    `generator`: "shapes" (the built-in default: objects lighter than the background), "shapes-random-colour" (same
-    shapes, fully random colours) or "glyphs" (a second generator: other shapes, sizes, counts and backgrounds).
+    `generator`: "shapes-random-colour" (the built-in default: five shapes in fully random colours), "shapes" (the same
+    shapes, lighter than their background: a brightness cue) or "glyphs" (a second generator: other shapes, sizes,
+    counts and backgrounds).
     """
     import datasets
 

@@ -10,6 +10,15 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def to_display_image(pixels: torch.Tensor, mean, std) -> Image.Image:
+    """Undo normalisation for a (C, H, W) tensor; first three bands (or band 0) as an RGB picture."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    array = (pixels.float().cpu() * std + mean).clamp(0, 1)
+    array = array[:3] if array.shape[0] >= 3 else array[:1].expand(3, -1, -1)
+    return Image.fromarray((array.permute(1, 2, 0).numpy() * 255).astype("uint8"))
+
+
 def palette(num_classes: int) -> np.ndarray:
     """(num_classes + 1, 3) uint8 colours: the PASCAL VOC bit-shuffle palette (class 0 black); last row for ignore."""
     colours = np.zeros((max(num_classes, 1) + 1, 3), dtype=np.uint8)

@@ -1,0 +1,178 @@
+"""The Accelerate plumbing both scripts share: the accelerator, the schedule, resume points and the epoch loop.
+
+The loop is the `*_no_trainer.py` one: `accelerator.accumulate`, one optimizer step per `gradient_accumulation_steps`
+batches, checkpoints every N steps or every epoch, and on resume the checkpoint's epoch re-entered with the batches it
+had already seen skipped, so a resumed run replays the same batches and random numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .outputs import find_checkpoint, save_checkpoint
+
+
+def make_accelerator(
+    gradient_accumulation_steps: int = 1,
+    mixed_precision: str | None = None,
+    log_with: str | None = None,
+    project_dir: str | None = None,
+) -> Accelerator:
+    """The Accelerator both scripts use: seedable sampler (per-epoch order from the seed), tracking, precision
+    (`None`: Accelerate's own setting, e.g. from `accelerate config`)."""
+    kwargs = {"gradient_accumulation_steps": gradient_accumulation_steps}
+    if log_with:
+        kwargs.update(log_with=log_with, project_dir=project_dir)
+    if mixed_precision:
+        kwargs["mixed_precision"] = mixed_precision
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kwargs)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    return accelerator
+
+
+@dataclass
+class Schedule:
+    """How long a run trains: optimizer steps per epoch, in all, and epochs; with its learning-rate scheduler."""
+
+    steps_per_epoch: int
+    max_steps: int
+    num_epochs: int
+    scheduler: object
+
+
+def make_schedule(
+    optimizer,
+    train_loader,
+    accelerator: Accelerator,
+    num_train_epochs: int,
+    max_train_steps: int | None = None,
+    lr_scheduler_type: str = "cosine",
+    warmup_ratio: float = 0.0,
+) -> Schedule:
+    """The schedule from `max_train_steps` (when given) or `num_train_epochs`, counted in optimizer steps."""
+    accumulation = accelerator.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / accumulation)
+    max_steps = max_train_steps or num_train_epochs * steps_per_epoch
+    scheduler = get_scheduler(
+        lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=int(warmup_ratio * max_steps) * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    return Schedule(steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch), scheduler)
+
+
+@dataclass
+class LoopState:
+    """Where training (re)starts: optimizer steps done, the epoch to enter, and batches of it already seen."""
+
+    completed_steps: int = 0
+    starting_epoch: int = 0
+    resume_step: int = 0
+
+
+def resume_from(
+    accelerator: Accelerator, resume_from_checkpoint: str | None, root: str, output_dir: str, schedule: Schedule,
+    required: bool = True,
+) -> LoopState:  # fmt: skip
+    """Load the checkpoint `resume_from_checkpoint` names (a folder, or `latest` of this run under `root`) into the
+    prepared objects and return where to restart; a fresh `LoopState` when there is nothing to resume."""
+    if not resume_from_checkpoint:
+        return LoopState()
+    path = find_checkpoint(resume_from_checkpoint, root, output_dir, required=required)
+    if path is None:
+        return LoopState()
+    accelerator.print(f"Resumed from checkpoint: {path}")
+    accelerator.load_state(path)
+    kind, number = os.path.basename(os.path.normpath(path)).split("_")
+    steps_per_epoch = schedule.steps_per_epoch
+    completed = (int(number) + 1) * steps_per_epoch if kind == "epoch" else int(number)
+    resume_step = (completed % steps_per_epoch) * accelerator.gradient_accumulation_steps
+    return LoopState(completed, completed // steps_per_epoch, resume_step)
+
+
+def train_loop(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer,
+    train_loader,
+    schedule: Schedule,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+    *,
+    state: LoopState | None = None,
+    checkpointing_steps: int | str | None = None,
+    checkpoint_root: str,
+    output_dir: str,
+    max_grad_norm: float | None = None,
+    with_tracking: bool = False,
+    name: str = "train",
+    postfix: Callable[[], dict] | None = None,
+    on_epoch_end: Callable[[int, int, bool, float], None] | None = None,
+) -> int:
+    """Train until `schedule.max_steps` optimizer steps; returns the steps done.
+
+    `loss_fn(model, batch)` returns the batch's loss (augmentation happens there). `on_epoch_end(epoch, steps,
+    is_last, mean_loss)` runs after every epoch, before that epoch's checkpoint; `postfix()` adds to the progress bar.
+    """
+    state = state or LoopState()
+    scheduler = schedule.scheduler
+    completed = state.completed_steps
+    if completed >= schedule.max_steps:  # resumed from the final checkpoint: nothing left to train
+        if on_epoch_end is not None:
+            on_epoch_end(schedule.num_epochs - 1, completed, True, float("nan"))
+        return completed
+    progress = tqdm(
+        range(schedule.max_steps), initial=completed, desc=name, disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(state.starting_epoch, schedule.num_epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if epoch == state.starting_epoch and state.resume_step:
+            loader = accelerator.skip_first_batches(train_loader, state.resume_step)
+        running, count = 0.0, 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running += loss.detach().float().item()
+            count += 1
+            if not accelerator.sync_gradients:
+                continue
+            completed += 1
+            progress.update(1)
+            progress.set_postfix(
+                {"loss": f"{running / count:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}", **(postfix or dict)()}
+            )
+            if with_tracking:
+                accelerator.log(
+                    {f"{name}_loss": running / count, f"{name}_lr": scheduler.get_last_lr()[0]}, step=completed
+                )
+            if isinstance(checkpointing_steps, int) and completed % checkpointing_steps == 0:
+                save_checkpoint(accelerator, os.path.join(checkpoint_root, f"step_{completed}"), output_dir)
+            if completed >= schedule.max_steps:
+                break
+        if on_epoch_end is not None:
+            is_last = completed >= schedule.max_steps or epoch == schedule.num_epochs - 1
+            on_epoch_end(epoch, completed, is_last, running / max(count, 1))
+        if checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, os.path.join(checkpoint_root, f"epoch_{epoch}"), output_dir)
+        if completed >= schedule.max_steps:
+            break
+    progress.close()
+    return completed
