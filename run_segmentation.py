@@ -80,7 +80,7 @@ from modeling_clsmask.training.visualization import colourise, stack_rows, title
 logger = get_logger(__name__)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="Stage-1 folder or Hub id.")
     add_data_arguments(parser)
@@ -117,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_training_arguments(seg, batch_size=32, learning_rate=1e-3, weight_decay=0.01, epochs=8)
     add_output_arguments(parser, "outputs/segmentation")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     if args.push_pseudo_masks_to_hub and not args.pseudo_masks_repo_id:

@@ -103,3 +103,39 @@ def test_missing_model_path_is_named(tmp_path):
     missing = str(tmp_path / "no" / "such" / "stage1")
     with pytest.raises(FileNotFoundError, match="--model_name_or_path .*no such local folder"):
         run_segmentation.main(["--model_name_or_path", missing, *BUILTIN, "--output_dir", str(tmp_path / "o")])
+
+
+def test_resume_both_models_gives_identical_results(stage1, tmp_path, capsys):
+    """Interrupted while the weak model or while the baseline trained, `--resume_from_checkpoint latest` ends where
+    the uninterrupted run did: same weights, same metrics, bit for bit."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = ["--model_name_or_path", stage1, *BUILTIN, *SEG, "--max_train_samples", "40", "--max_train_steps", "4",
+            "--checkpointing_steps", "2", "--fully_supervised_baseline", "--num_visualizations", "0"]  # fmt: skip
+    full = run_segmentation.main([*args, "--output_dir", str(tmp_path / "full")])
+    weights = load_file(tmp_path / "full" / "model.safetensors")
+    marker = json.loads((tmp_path / "full" / "clsmask_run.json").read_text())
+    assert marker["checkpoints"] == [f"checkpoints_{m}/step_{s}" for m in ("weak", "full") for s in (2, 4)]
+
+    for interrupted, kept in (("full", ["checkpoints_weak/step_2", "checkpoints_weak/step_4", "checkpoints_full/step_2"]),
+                              ("weak", ["checkpoints_weak/step_2"])):  # fmt: skip
+        run = tmp_path / f"interrupted_in_{interrupted}"
+        shutil.copytree(tmp_path / "full", run)
+        for name in ("model.safetensors", "eval_results.json"):
+            (run / name).unlink()
+        for checkpoint in set(marker["checkpoints"]) - set(kept):
+            shutil.rmtree(run / checkpoint)
+        (run / "clsmask_run.json").write_text(json.dumps({**marker, "checkpoints": kept, "finished": False}))
+        capsys.readouterr()
+        resumed = run_segmentation.main([*args, "--output_dir", str(run), "--resume_from_checkpoint", "latest"])
+        # Each model came back from its own newest checkpoint (the weak one from step 4 = its end, when it had one).
+        said = [line.split(str(run) + "/")[-1] for line in capsys.readouterr().out.splitlines() if "Resumed from" in line]
+        assert said == ([kept[1], kept[2]] if interrupted == "full" else kept), said
+        for key in ("segmentation_mean_iou", "fully_supervised_mean_iou", "segmentation_per_class_iou"):
+            assert resumed[key] == full[key], (interrupted, key)
+        again = load_file(run / "model.safetensors")
+        for key in weights:
+            torch.testing.assert_close(again[key], weights[key], rtol=0, atol=0, msg=f"{interrupted}: {key}")

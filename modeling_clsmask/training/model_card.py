@@ -13,12 +13,12 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-def template_dir() -> Path:
-    """Where the card templates are: installed with the package, or in the checkout this package is imported from."""
+def template_path(stage: str) -> str:
+    """The card template of `stage`: installed with the package, or in the checkout this package is imported from."""
     try:
-        return Path(str(files(f"{__package__}.model_cards")))
+        return str(files(f"{__package__}.model_cards").joinpath(f"{stage}.md"))
     except ModuleNotFoundError:  # a checkout on sys.path without an install
-        return Path(__file__).resolve().parents[2] / "model_cards"
+        return str(Path(__file__).resolve().parents[2] / "model_cards" / f"{stage}.md")
 
 
 REPO_URL = "https://github.com/clsmask/clsmask"
@@ -86,7 +86,7 @@ def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, s
     splits = ", ".join(f"{name}: {len(split)}" for name, split in spec.dataset.items())
     card = ModelCard.from_template(
         card_data,
-        template_path=str(template_dir() / f"{stage}.md"),
+        template_path=template_path(stage),
         model_name=model_name,
         model_id=args.get("hub_model_id") or output_dir,
         repo_url=REPO_URL,
