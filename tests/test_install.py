@@ -66,10 +66,10 @@ def test_non_editable_install_runs_both_scripts_and_writes_cards(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     where = run([sys.executable, "-c", "import modeling_clsmask; print(modeling_clsmask.__file__)"], cwd=work, env=env)
     assert where.strip().startswith(str(site)), where
-    run([sys.executable, "-m", "run_pretrain", *TINY, *BUILTIN, "--max_train_steps", "1", "--num_visualizations", "0",
-         "--output_dir", "stage1"], cwd=work, env=env)  # fmt: skip
-    run([sys.executable, "-m", "run_segmentation", "--model_name_or_path", "stage1", *BUILTIN, "--max_train_steps", "1",
-         "--max_train_samples", "16", "--num_visualizations", "0", "--output_dir", "seg"], cwd=work, env=env)  # fmt: skip
+    short = [*BUILTIN, "--max_train_steps", "1", "--num_visualizations", "0"]
+    run([sys.executable, "-m", "run_pretrain", *TINY, *short, "--output_dir", "stage1"], cwd=work, env=env)
+    seg = ["--model_name_or_path", "stage1", "--max_train_samples", "16", "--output_dir", "seg"]
+    run([sys.executable, "-m", "run_segmentation", *short, *seg], cwd=work, env=env)
     for stage, folder in (("pretrain", "stage1"), ("segmentation", "seg")):
         card = (work / folder / "README.md").read_text()
         assert "clsmask" in card and "| learning_rate |" in card, (stage, card[:500])

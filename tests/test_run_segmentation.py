@@ -120,8 +120,8 @@ def test_resume_both_models_gives_identical_results(stage1, tmp_path, capsys):
     marker = json.loads((tmp_path / "full" / "clsmask_run.json").read_text())
     assert marker["checkpoints"] == [f"checkpoints_{m}/step_{s}" for m in ("weak", "full") for s in (2, 4)]
 
-    for interrupted, kept in (("full", ["checkpoints_weak/step_2", "checkpoints_weak/step_4", "checkpoints_full/step_2"]),
-                              ("weak", ["checkpoints_weak/step_2"])):  # fmt: skip
+    weak_done = ["checkpoints_weak/step_2", "checkpoints_weak/step_4"]
+    for interrupted, kept in (("full", [*weak_done, "checkpoints_full/step_2"]), ("weak", weak_done[:1])):
         run = tmp_path / f"interrupted_in_{interrupted}"
         shutil.copytree(tmp_path / "full", run)
         for name in ("model.safetensors", "eval_results.json"):
@@ -132,7 +132,8 @@ def test_resume_both_models_gives_identical_results(stage1, tmp_path, capsys):
         capsys.readouterr()
         resumed = run_segmentation.main([*args, "--output_dir", str(run), "--resume_from_checkpoint", "latest"])
         # Each model came back from its own newest checkpoint (the weak one from step 4 = its end, when it had one).
-        said = [line.split(str(run) + "/")[-1] for line in capsys.readouterr().out.splitlines() if "Resumed from" in line]
+        lines = capsys.readouterr().out.splitlines()
+        said = [line.split(str(run) + "/")[-1] for line in lines if "Resumed from" in line]
         assert said == ([kept[1], kept[2]] if interrupted == "full" else kept), said
         for key in ("segmentation_mean_iou", "fully_supervised_mean_iou", "segmentation_per_class_iou"):
             assert resumed[key] == full[key], (interrupted, key)
