@@ -175,7 +175,8 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
     model.eval().to(accelerator.device)
     for batch in tqdm(loader, desc=f"pseudo-masks ({split})", disable=not accelerator.is_local_main_process):
         pixels = batch["pixel_values"].to(accelerator.device)
-        class_maps, probs = tta_class_maps(model, pixels, args.scales, args.flip)
+        with accelerator.autocast():  # bf16 with --mixed_precision bf16 (maps and masks are made in fp32)
+            class_maps, probs = tta_class_maps(model, pixels, args.scales, args.flip)
         present = batch["labels"].bool().to(pixels.device) if source == "labels" else probs >= config.class_threshold
         pseudo = masks_from_class_maps(class_maps, probs, present, size, background, config.background_label_id)
         masks.append(pseudo.cpu())
@@ -203,6 +204,7 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
         "scales": args.scales,
         "flip": args.flip,
         "background_threshold": background,
+        "mixed_precision": accelerator.mixed_precision,
     }
     if isinstance(confusion, torch.Tensor):
         result = iou_from_confusion(confusion)

@@ -14,6 +14,7 @@ from modeling_clsmask import (
     ClsMaskForSemanticSegmentation,
     ClsMaskImageProcessor,
     ClsMaskSegmentationPipeline,
+    masks_from_class_maps,
 )
 from modeling_clsmask.training.visualization import attention_panel, draw_segments, overlay
 
@@ -189,3 +190,25 @@ def test_pipeline_messages_name_the_file(tmp_path):
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated.png"):
         pipe(str(tmp_path / "truncated.png"))
+
+
+def test_bf16_pipeline_and_masks_agree_with_fp32():
+    """`dtype=torch.bfloat16` (the transformers way): same classes, masks agreeing with fp32; and on hand-made maps,
+    bf16 maps give exactly the fp32 masks (thresholds, normalisation and the fill run in fp32)."""
+    model, processor = biased_model(background_threshold=0.3)
+    fp32 = ClsMaskSegmentationPipeline(model=model, image_processor=processor)
+    bf16_model = ClsMaskForSemanticSegmentation(model.config).eval()
+    bf16_model.load_state_dict(model.state_dict())
+    bf16 = ClsMaskSegmentationPipeline(model=bf16_model.to(torch.bfloat16), image_processor=processor)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    a, b = fp32(image), bf16(image)
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    for ra, rb in zip(a, b):
+        assert (np.asarray(ra["mask"]) == np.asarray(rb["mask"])).mean() >= 0.9
+        assert ra["score"] == pytest.approx(rb["score"], abs=0.02) if ra["score"] is not None else rb["score"] is None
+
+    yy, xx = torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij")
+    maps = torch.stack([xx, 5 - xx, yy])[None] + 0.5  # three ramps of values bf16 holds exactly
+    scores, present = torch.tensor([[0.875, 0.75, 0.625]]), torch.tensor([[True, True, True]])
+    expected = masks_from_class_maps(maps, scores, present, (37, 53), 0.2, 0)
+    assert torch.equal(masks_from_class_maps(maps.bfloat16(), scores.bfloat16(), present, (37, 53), 0.2, 0), expected)

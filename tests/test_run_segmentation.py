@@ -1,6 +1,7 @@
 """run_segmentation.py on tiny data: pseudo-masks, saved dataset schema, TTA shapes, segmentation, baseline."""
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -140,3 +141,27 @@ def test_resume_both_models_gives_identical_results(stage1, tmp_path, capsys):
         again = load_file(run / "model.safetensors")
         for key in weights:
             torch.testing.assert_close(again[key], weights[key], rtol=0, atol=0, msg=f"{interrupted}: {key}")
+
+
+def test_bf16_mixed_precision_on_cpu(stage1, tmp_path):
+    """`--mixed_precision bf16` runs on CPU in both scripts; pseudo-masks from bf16 maps agree with fp32 ones."""
+    common = [*BUILTIN, *SEG, "--max_train_steps", "1", "--max_train_samples", "16", "--num_visualizations", "0"]
+    stage1_bf16 = run_pretrain.main([*TINY, *common, "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "p")])
+    assert stage1_bf16["train_loss"] == stage1_bf16["train_loss"]  # finite, not nan
+    results = {}
+    for precision in ("no", "bf16"):
+        results[precision] = run_segmentation.main(
+            ["--model_name_or_path", stage1, *common, "--mixed_precision", precision,
+             "--output_dir", str(tmp_path / precision)]
+        )  # fmt: skip
+    fp32 = datasets.load_from_disk(str(tmp_path / "no" / "pseudo_masks"))["train"]
+    bf16 = datasets.load_from_disk(str(tmp_path / "bf16" / "pseudo_masks"))["train"]
+    pairs = zip(fp32["pseudo_mask"], bf16["pseudo_mask"])
+    agree = float(
+        torch.tensor(
+            [(torch.tensor(np.asarray(a)) == torch.tensor(np.asarray(b))).float().mean() for a, b in pairs]
+        ).mean()
+    )
+    assert agree >= 0.95, agree
+    assert abs(results["bf16"]["pseudo_mask_mean_iou"] - results["no"]["pseudo_mask_mean_iou"]) <= 0.05
+    assert (results["no"]["mixed_precision"], results["bf16"]["mixed_precision"]) == ("no", "bf16")

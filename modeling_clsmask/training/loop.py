@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -35,6 +36,9 @@ def make_accelerator(
         kwargs.update(log_with=log_with, project_dir=project_dir)
     if mixed_precision:
         kwargs["mixed_precision"] = mixed_precision
+    # Each run sets its own precision, also when a process runs several (tests, notebooks): the shared accelerator
+    # state is reset (not the distributed one, which the process keeps).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kwargs)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     return accelerator
