@@ -50,3 +50,23 @@ def measure_in_subprocess(script: str, variant: str, extra_args: list[str]) -> d
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     raise RuntimeError(f"{variant} failed:\n{out.stdout}\n{out.stderr}")
+
+
+def matmul_rate(dtype, size: int = 2048, repeats: int = 3) -> float:
+    """This machine's measured matmul rate in GFLOP/s for `dtype` (a square matmul, best of `repeats`)."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def vit_forward_gflop(tokens: int, hidden: int = 768, intermediate: int = 3072, layers: int = 12) -> float:
+    """Multiply-add FLOPs (x2) of a ViT encoder forward: projections, MLP and the two attention matmuls."""
+    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 4 * tokens * tokens * hidden
+    return layers * per_layer / 1e9
