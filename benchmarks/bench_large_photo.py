@@ -2,13 +2,14 @@
 
     python benchmarks/bench_large_photo.py outputs/pretrain [--size 4000]
 
-(The checkpoint must have been saved by this version, whose copied `pseudo_masks.py` has `max_working_size`.)
+(The checkpoint must have been saved by this version, whose copied pipeline has `max_working_size`.)
 
 The checkpoint sees the photo at its own input size (64 x 64 for the built-in one); the cost of a large photo is the
 mask work at the photo's size: bilinear maps, thresholds, painting and the nearest fill (rows x width^2). With
-`MAX_WORKING_SIZE` (512) that work happens at 512 px on the longer side and only the label map is resized to the photo
-(nearest). Each variant runs in a fresh process (peak extra resident memory over the call, then median time of
-`--repeats` calls); the two label maps are compared pixel by pixel.
+`max_working_size` (512, the default) that work happens at 512 px on the longer side and each class's uint8 mask is
+enlarged to the photo (nearest); `None` makes the masks at full size, as earlier versions did. Each variant runs in a
+fresh process (peak extra resident memory over the call, then median time of `--repeats` calls); the two label maps
+are compared pixel by pixel.
 """
 
 from __future__ import annotations
@@ -41,14 +42,9 @@ def child(variant: str, checkpoint: str, size: int, repeats: int, save: str) -> 
 
     torch.set_num_threads(2)
     segmenter = pipeline("image-segmentation", model=checkpoint, trust_remote_code=True)
-    module = sys.modules[type(segmenter).__module__]  # the checkpoint's own copy of the pipeline code
-    original = module.masks_from_class_maps
-
-    def patched(*args, **kwargs):
-        kwargs["max_working_size"] = None if variant == VARIANTS[0] else 512
-        return original(*args, **kwargs)
-
-    module.masks_from_class_maps = patched
+    if not hasattr(segmenter, "max_working_size"):
+        raise SystemExit(f"{checkpoint} was saved by an older version: its pipeline has no max_working_size.")
+    segmenter.max_working_size = None if variant == VARIANTS[0] else 512
     image = photo(size)
     result = {}
 

@@ -15,7 +15,14 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 
 from .image_processing_clsmask import to_8bit
-from .pseudo_masks import AUTO, masks_from_class_maps, resolve_threshold
+from .pseudo_masks import (
+    AUTO,
+    MAX_WORKING_SIZE,
+    masks_from_class_maps,
+    nearest_resize,
+    resolve_threshold,
+    working_size,
+)
 
 
 class ClsMaskSegmentationPipeline(Pipeline):
@@ -29,6 +36,9 @@ class ClsMaskSegmentationPipeline(Pipeline):
     class but what is left over. Inputs: paths, URLs, PIL images, numpy arrays (uint8, uint16 or floats in [0, 1];
     H x W, H x W x C or C x H x W), or lists of them; `batch_size` batches the model calls (same results).
     """
+
+    # Longest side at which masks are made; larger photos get them enlarged (nearest). `None`: always full size.
+    max_working_size: int | None = MAX_WORKING_SIZE
 
     def __call__(self, inputs, **kwargs):
         if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
@@ -123,22 +133,23 @@ class ClsMaskSegmentationPipeline(Pipeline):
             present = probs >= threshold
         background_threshold = resolve_threshold(background_threshold, config.background_threshold)
         background = config.background_label_id
+        target = tuple(int(v) for v in model_outputs["target_size"][0])
+        # The label map is made at the bounded working size; each class's binary mask is then enlarged on its own as
+        # uint8, so a large photo never holds a full-size int64 label map (see `max_working_size`).
+        size = working_size(target, self.max_working_size)
         mask = masks_from_class_maps(
-            model_outputs["class_maps"],
-            probs,
-            present,
-            tuple(int(v) for v in model_outputs["target_size"][0]),
-            background_threshold,
-            background,
+            model_outputs["class_maps"], probs, present, size, background_threshold, background, max_working_size=None
         )[0]
         results = []
         for label in mask.unique().tolist():
             is_background = background_threshold is not None and label == background
+            binary = (mask == label).to(torch.uint8).mul_(255)
+            binary = binary if size == target else nearest_resize(binary, target)
             results.append(
                 {
                     "score": None if is_background else round(float(probs[0, label]), 4),
                     "label": config.id2label[label],
-                    "mask": Image.fromarray((mask == label).numpy().astype(np.uint8) * 255, mode="L"),
+                    "mask": Image.fromarray(binary.numpy(), mode="L"),
                 }
             )
         results.sort(key=lambda r: -1.0 if r["score"] is None else r["score"], reverse=True)

@@ -41,6 +41,25 @@ _FILL_BLOCK_ELEMENTS = 1 << 24
 MAX_WORKING_SIZE = 512
 
 
+def working_size(output_size: tuple[int, int], max_working_size: int | None = MAX_WORKING_SIZE) -> tuple[int, int]:
+    """The size masks are made at: `output_size`, or scaled down (aspect kept) so its longer side is
+    `max_working_size`."""
+    height, width = int(output_size[0]), int(output_size[1])
+    if max_working_size is None or max(height, width) <= max_working_size:
+        return height, width
+    scale = max_working_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def nearest_resize(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., h, w) label maps to (..., H, W) by nearest neighbour on pixel centres, by gathering rows and columns: the
+    result keeps the input's dtype and no float copy of the large map is ever made."""
+    height, width = labels.shape[-2:]
+    rows = ((torch.arange(size[0], device=labels.device) + 0.5) * (height / size[0])).long().clamp_max(height - 1)
+    cols = ((torch.arange(size[1], device=labels.device) + 0.5) * (width / size[1])).long().clamp_max(width - 1)
+    return labels.index_select(-2, rows).index_select(-1, cols)
+
+
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Min-max normalise each (..., H, W) map to [0, 1] so maps of different classes are comparable."""
     flat = maps.flatten(-2)
@@ -126,8 +145,8 @@ def masks_from_class_maps(
             score over the present classes is below it get `background_label_id`, whose own map is never painted.
         background_label_id: the background label when `background_threshold` is set.
         max_working_size: when the longer side of `output_size` exceeds it, the masks are made at that longer side
-            (aspect kept) and resized to `output_size` with nearest neighbours, so a large photo costs about what a
-            512 px one does. `None`: always work at `output_size`.
+            (aspect kept) and resized to `output_size` with nearest neighbours (`nearest_resize`), so a large photo
+            costs about what a 512 px one does. `None`: always work at `output_size`.
 
     Returns:
         (B, H, W) int64 label maps. Without background, an image with no present class takes its most probable
@@ -152,11 +171,8 @@ def masks_from_class_maps(
             present[none, class_scores[none].argmax(dim=1)] = True
 
     output_size = (int(output_size[0]), int(output_size[1]))
-    working_size = output_size
-    if max_working_size is not None and max(output_size) > max_working_size:
-        scale = max_working_size / max(output_size)
-        working_size = (max(1, round(output_size[0] * scale)), max(1, round(output_size[1] * scale)))
-    maps = F.interpolate(class_maps.float(), size=working_size, mode="bilinear", align_corners=False)
+    size = working_size(output_size, max_working_size)
+    maps = F.interpolate(class_maps.float(), size=size, mode="bilinear", align_corners=False)
     maps = normalize_maps(maps)
     above = (maps >= maps.flatten(2).mean(-1)[..., None, None]) & present[..., None, None]
     # Painting in ascending score order == every pixel takes the highest-scoring class that claims it.
@@ -171,9 +187,7 @@ def masks_from_class_maps(
             torch.full_like(labels, background_label_id),
             labels,
         )
-    if working_size != output_size:
-        labels = F.interpolate(labels[:, None].float(), size=output_size, mode="nearest")[:, 0].long()
-    return labels
+    return labels if size == output_size else nearest_resize(labels, output_size)
 
 
-__all__ = ["masks_from_class_maps", "nearest_fill", "normalize_maps"]
+__all__ = ["AUTO", "masks_from_class_maps", "nearest_fill", "nearest_resize", "normalize_maps", "resolve_threshold"]

@@ -212,3 +212,22 @@ def test_bf16_pipeline_and_masks_agree_with_fp32():
     scores, present = torch.tensor([[0.875, 0.75, 0.625]]), torch.tensor([[True, True, True]])
     expected = masks_from_class_maps(maps, scores, present, (37, 53), 0.2, 0)
     assert torch.equal(masks_from_class_maps(maps.bfloat16(), scores.bfloat16(), present, (37, 53), 0.2, 0), expected)
+
+
+def test_pipeline_large_photo_masks_at_working_size():
+    """Above `max_working_size` the pipeline's per-class masks equal `masks_from_class_maps` with that working size
+    (label map made small, each class enlarged as uint8); below it, and with `None`, the full-size masks."""
+    model, processor = biased_model(background_threshold=0.3)
+    pipe = ClsMaskSegmentationPipeline(model=model, image_processor=processor)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    with torch.no_grad():
+        out = model(**processor(images=image, return_tensors="pt"))
+    for limit in (24, None):
+        pipe.max_working_size = limit
+        expected = masks_from_class_maps(out.class_maps, out.class_probs, out.present, (90, 120), 0.3, 0, limit)[0]
+        result = pipe(image)
+        names = sorted(model.config.id2label[i] for i in expected.unique().tolist())
+        assert sorted(r["label"] for r in result) == names
+        for r in result:
+            label = model.config.label2id[r["label"]]
+            assert np.array_equal(np.asarray(r["mask"]) > 0, (expected == label).numpy()), (limit, r["label"])
