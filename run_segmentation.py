@@ -215,6 +215,16 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
     return pseudo_data, report
 
 
+def reduction_ratios(image_size: int, strides=(4, 2, 2, 2), defaults=(8, 4, 2, 1), min_keys: int = 8) -> list[int]:
+    """SegFormer's key/value spatial reduction per stage, capped so that every stage keeps at least min_keys x
+    min_keys keys: the default ratios, made for 512 px inputs, leave each stage 2 x 2 keys at 64 px."""
+    side, ratios = image_size, []
+    for stride, default in zip(strides, defaults):
+        side //= stride
+        ratios.append(max(1, min(default, side // min_keys)))
+    return ratios
+
+
 def build_segmenter(args, class_names: list[str], image_size: int, num_channels: int):
     id2label = dict(enumerate(class_names))
     label2id = {v: k for k, v in id2label.items()}
@@ -226,6 +236,7 @@ def build_segmenter(args, class_names: list[str], image_size: int, num_channels:
         num_channels=num_channels,
         hidden_sizes=[32, 64, 128, 160],  # a small SegFormer that trains in minutes on a CPU
         depths=[1, 1, 1, 1],
+        sr_ratios=reduction_ratios(image_size),
         decoder_hidden_size=128,
         num_labels=len(class_names),
         id2label=id2label,

@@ -165,3 +165,10 @@ def test_bf16_mixed_precision_on_cpu(stage1, tmp_path):
     assert agree >= 0.95, agree
     assert abs(results["bf16"]["pseudo_mask_mean_iou"] - results["no"]["pseudo_mask_mean_iou"]) <= 0.05
     assert (results["no"]["mixed_precision"], results["bf16"]["mixed_precision"]) == ("no", "bf16")
+
+
+def test_segformer_reduction_ratios_keep_enough_keys():
+    # SegFormer's defaults (8, 4, 2, 1) are kept for 512 px inputs; at 64 px they would leave 2 x 2 keys per stage.
+    assert run_segmentation.reduction_ratios(512) == [8, 4, 2, 1]
+    assert run_segmentation.reduction_ratios(64) == [2, 1, 1, 1]
+    assert run_segmentation.reduction_ratios(32) == [1, 1, 1, 1]
