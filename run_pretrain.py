@@ -50,7 +50,7 @@ from modeling_clsmask.training.data import (
     validate_splits,
     write_dataset_card,
 )
-from modeling_clsmask.training.loop import make_accelerator, make_schedule, resume_from, train_loop
+from modeling_clsmask.training.loop import make_accelerator, prepare_training, resume_from, train_loop
 from modeling_clsmask.training.metrics import (
     class_assignment_counts,
     class_assignment_summary,
@@ -373,12 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     optimizer = build_optimizer(args, model)
-    schedule = make_schedule(
-        optimizer, train_loader, accelerator, args.num_train_epochs, args.max_train_steps, args.lr_scheduler_type,
-        args.warmup_ratio,
-    )  # fmt: skip
-    model, optimizer, train_loader, eval_loader, schedule.scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, schedule.scheduler
+    model, optimizer, train_loader, eval_loader, schedule = prepare_training(
+        accelerator, args, model, optimizer, train_loader, eval_loader
     )
     if args.with_tracking:
         accelerator.init_trackers("clsmask_pretrain", tracked_arguments(args))

@@ -64,7 +64,7 @@ from modeling_clsmask.training.data import (
     train_dataloader,
     validate_splits,
 )
-from modeling_clsmask.training.loop import make_accelerator, make_schedule, resume_from, train_loop
+from modeling_clsmask.training.loop import make_accelerator, prepare_training, resume_from, train_loop
 from modeling_clsmask.training.metrics import confusion_matrices, iou_from_confusion
 from modeling_clsmask.training.model_card import write_model_card
 from modeling_clsmask.training.outputs import (
@@ -330,12 +330,8 @@ def train_segmenter(
         args.max_eval_samples,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    schedule = make_schedule(
-        optimizer, train_loader, accelerator, args.num_train_epochs, args.max_train_steps, args.lr_scheduler_type,
-        args.warmup_ratio,
-    )  # fmt: skip
-    model, optimizer, train_loader, eval_loader, schedule.scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, schedule.scheduler
+    model, optimizer, train_loader, eval_loader, schedule = prepare_training(
+        accelerator, args, model, optimizer, train_loader, eval_loader
     )
     checkpoint_root = os.path.join(args.output_dir, f"checkpoints_{name}")
     resume, required = resume_point(args, name)

@@ -76,6 +76,19 @@ def make_schedule(
     return Schedule(steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch), scheduler)
 
 
+def prepare_training(accelerator: Accelerator, args, model, optimizer, train_loader, eval_loader):
+    """Schedule from the training arguments (`num_train_epochs`, `max_train_steps`, `lr_scheduler_type`,
+    `warmup_ratio`), then `accelerator.prepare` everything; returns the prepared objects and the schedule."""
+    schedule = make_schedule(
+        optimizer, train_loader, accelerator, args.num_train_epochs, args.max_train_steps, args.lr_scheduler_type,
+        args.warmup_ratio,
+    )  # fmt: skip
+    model, optimizer, train_loader, eval_loader, schedule.scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, schedule.scheduler
+    )
+    return model, optimizer, train_loader, eval_loader, schedule
+
+
 @dataclass
 class LoopState:
     """Where training (re)starts: optimizer steps done, the epoch to enter, and batches of it already seen."""
