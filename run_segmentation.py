@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
         spec, dataset=pseudo, mask_column="pseudo_mask", labels_column=None, labels_format="mask",
         source=f"pseudo-masks of {spec.source}",
     )  # fmt: skip
-    shown = first_rows(pseudo[args.validation_split], args.num_visualizations)
+    validation = pseudo[args.validation_split]
+    shown = validation.select(range(min(args.num_visualizations, len(validation))))  # none with 0 visualizations
     shown = [np.asarray(example["pseudo_mask"].resize((image_size, image_size), Image.NEAREST)) for example in shown]
     model, processor, metrics, panels = train_segmenter(
         args, accelerator, weak_spec, spec, image_size, num_channels, "weak", shown

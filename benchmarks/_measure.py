@@ -52,6 +52,34 @@ def measure_in_subprocess(script: str, variant: str, extra_args: list[str]) -> d
     raise RuntimeError(f"{variant} failed:\n{out.stdout}\n{out.stderr}")
 
 
+def vit_b_config(image_size: int, num_classes: int, **overrides):
+    """A ViT-B/16 `ClsMaskConfig` built as the public code builds it (patchify stem, flattened readout), C classes."""
+    from modeling_clsmask import ClsMaskConfig
+
+    return ClsMaskConfig(
+        image_size=image_size,
+        patch_size=16,
+        id2label={i: f"class_{i}" for i in range(num_classes)},
+        patch_embedding_type="patchify",
+        classifier_type="flatten",
+        **overrides,
+    )
+
+
+def matmul_rates() -> dict[str, float]:
+    """This machine's measured fp32 and bf16 matmul rates (GFLOP/s), printed as the line every benchmark shows."""
+    import torch
+
+    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
+    print(f"measured matmul rate: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
+    return rates
+
+
+def rate_share(gflop: float, seconds: float, rate: float) -> float:
+    """Percentage of the measured matmul `rate` that `gflop` of work done in `seconds` reaches."""
+    return 100 * gflop / seconds / rate
+
+
 def matmul_rate(dtype, size: int = 2048, repeats: int = 3) -> float:
     """This machine's measured matmul rate in GFLOP/s for `dtype` (a square matmul, best of `repeats`)."""
     import torch

@@ -24,9 +24,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-from _measure import child_measure, matmul_rate, measure_in_subprocess, vit_forward_gflop  # noqa: E402
+from _measure import (  # noqa: E402
+    child_measure,
+    matmul_rates,
+    measure_in_subprocess,
+    rate_share,
+    vit_b_config,
+    vit_forward_gflop,
+)
 
-from modeling_clsmask import ClsMaskConfig, ClsMaskForMultiLabelClassification  # noqa: E402
+from modeling_clsmask import ClsMaskForMultiLabelClassification  # noqa: E402
 
 
 NUM_CLASSES = 20
@@ -35,14 +42,7 @@ SIZE = 448
 
 def build(layers: int, implementation: str):
     torch.manual_seed(0)
-    config = ClsMaskConfig(
-        image_size=SIZE,
-        patch_size=16,
-        id2label={i: f"class_{i}" for i in range(NUM_CLASSES)},
-        attention_map_layers=layers,
-        patch_embedding_type="patchify",  # ViT-B as the public code builds it
-        classifier_type="flatten",
-    )
+    config = vit_b_config(SIZE, NUM_CLASSES, attention_map_layers=layers)
     model = ClsMaskForMultiLabelClassification(config).eval()
     model.set_attn_implementation(implementation)
     return model, torch.randn(1, 3, SIZE, SIZE)
@@ -111,11 +111,10 @@ def main():
     ref = measure_in_subprocess(__file__, "reference", forwarded)
     new = measure_in_subprocess(__file__, "ours", forwarded)
     half = measure_in_subprocess(__file__, "ours_bf16", forwarded)
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
     gflop = vit_forward_gflop(NUM_CLASSES + 1 + (SIZE // 16) ** 2)
-    print(f"ViT-B/16, {SIZE}x{SIZE}, C={NUM_CLASSES}, 1 image, CPU threads={args.threads}, layers={args.layers}")
-    print(f"measured matmul rate: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s; "
+    print(f"ViT-B/16, {SIZE}x{SIZE}, C={NUM_CLASSES}, 1 image, CPU threads={args.threads}, layers={args.layers}; "
           f"forward {gflop:.0f} GFLOP")  # fmt: skip
+    rates = matmul_rates()
     print(f"{'variant':<42}{'peak extra MiB':>16}{'median s':>12}{'% of matmul rate':>18}")
     rows = (
         ("reference (eager, all attentions kept)", ref, "fp32"),
@@ -123,7 +122,7 @@ def main():
         ("clsmask, bf16 autocast", half, "bf16"),
     )
     for name, result, dtype in rows:
-        share = 100 * gflop / result["median_s"] / rates[dtype]
+        share = rate_share(gflop, result["median_s"], rates[dtype])
         print(f"{name:<42}{result['peak_mib']:>16.1f}{result['median_s']:>12.3f}{share:>17.0f}%")
     memory_ratio = ref["peak_mib"] / max(new["peak_mib"], 1e-3)
     print(f"memory ratio (reference / clsmask fp32): {memory_ratio:.1f}x  (target >= 5x)")

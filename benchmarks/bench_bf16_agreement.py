@@ -26,7 +26,7 @@ from diagnose_maps import parse_args  # noqa: E402
 from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor  # noqa: E402
 from modeling_clsmask.pseudo_masks import masks_from_class_maps  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments  # noqa: E402
-from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data  # noqa: E402
+from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, first_rows, load_data  # noqa: E402
 from modeling_clsmask.training.metrics import confusion_matrices, iou_from_confusion  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     processor = ClsMaskImageProcessor.from_pretrained(args.checkpoint)
     config = model.config
     spec = load_data(DataArguments.from_namespace(args))
-    data = spec.dataset[args.split].select(range(min(args.max_samples, len(spec.dataset[args.split]))))
+    data = first_rows(spec.dataset[args.split], args.max_samples)
     encoder = ExampleEncoder(
         spec, config.num_channels, config.image_grid_size, processor.image_mean, processor.image_std
     )

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _measure import child_measure, measure_in_subprocess  # noqa: E402
+from _measure import child_measure, measure_in_subprocess, vit_b_config  # noqa: E402
 
 
 SIZE, NUM_CLASSES = 448, 20  # defaults
@@ -32,13 +32,10 @@ VARIANTS = ("fp32", "bf16")
 def save_checkpoint(folder: str, size: int) -> None:
     import torch
 
-    from modeling_clsmask import ClsMaskConfig, ClsMaskForSemanticSegmentation, ClsMaskImageProcessor
+    from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor
 
     torch.manual_seed(0)
-    config = ClsMaskConfig(
-        image_size=size, patch_size=16, id2label={i: f"class_{i}" for i in range(NUM_CLASSES)},
-        attention_map_layers=12, patch_embedding_type="patchify", classifier_type="flatten", weight_init="normal",
-    )  # fmt: skip
+    config = vit_b_config(size, NUM_CLASSES, attention_map_layers=12, weight_init="normal")
     model = ClsMaskForSemanticSegmentation(config).eval()
     with torch.no_grad():  # a few confident classes, like a trained model
         model.classifier.bias.copy_(torch.linspace(-3, 3, NUM_CLASSES))

@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _measure import matmul_rate, vit_forward_gflop  # noqa: E402
+from _measure import matmul_rates, rate_share, vit_b_config, vit_forward_gflop  # noqa: E402
 
-from modeling_clsmask import ClsMaskConfig, ClsMaskForMultiLabelClassification, masks_from_class_maps  # noqa: E402
+from modeling_clsmask import ClsMaskForMultiLabelClassification, masks_from_class_maps  # noqa: E402
 
 
 NUM_CLASSES = 20
@@ -42,14 +42,7 @@ PATCH = 16
 
 def build() -> ClsMaskForMultiLabelClassification:
     torch.manual_seed(0)
-    config = ClsMaskConfig(
-        image_size=SIZE,
-        patch_size=PATCH,
-        id2label={i: f"class_{i}" for i in range(NUM_CLASSES)},
-        attention_map_layers=12,
-        patch_embedding_type="patchify",  # ViT-B as the public code builds it
-        classifier_type="flatten",
-    )
+    config = vit_b_config(SIZE, NUM_CLASSES, attention_map_layers=12)
     model = ClsMaskForMultiLabelClassification(config).eval()
     with torch.no_grad():  # a few confident classes per image, like a trained model
         model.classifier.bias.copy_(torch.linspace(-3, 3, NUM_CLASSES))
@@ -124,8 +117,6 @@ def main():
         start = time.perf_counter()
         outputs[name] = run()
         timings[name] = time.perf_counter() - start
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
-    rates["reference"] = rates["fp32"]
     gflop = args.batch * vit_forward_gflop(NUM_CLASSES + 1 + (SIZE // PATCH) ** 2)
 
     # Same classes in both; pixels differ only where BFS (4-neighbour) and Euclidean nearest fill disagree.
@@ -133,7 +124,8 @@ def main():
     agree = np.mean([(new[i].numpy() == ref[i]).mean() for i in range(args.batch)])
     agree_bf16 = float((outputs["bf16"] == new).float().mean())
     print(f"ViT-B/16, {SIZE}x{SIZE}, C={NUM_CLASSES}, batch {args.batch}, CPU threads={args.threads}")
-    print(f"measured matmul rate: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
+    rates = matmul_rates()
+    rates["reference"] = rates["fp32"]
     print(f"{'variant':<60}{'images/s':>10}{'% of matmul rate':>18}")
     names = {
         "reference": "reference (eager, all attentions, per image, per-pixel BFS)",
@@ -141,7 +133,7 @@ def main():
         "bf16": "clsmask, bf16 autocast",
     }
     for key, name in names.items():
-        share = 100 * gflop / timings[key] / rates[key]
+        share = rate_share(gflop, timings[key], rates[key])
         print(f"{name:<60}{args.batch / timings[key]:>10.3f}{share:>17.0f}%")
     print(f"pixel agreement, clsmask fp32 vs reference: {agree:.3f}; clsmask bf16 vs fp32: {agree_bf16:.4f}")
     for key in ("fp32", "bf16"):

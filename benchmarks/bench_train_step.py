@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-from _measure import matmul_rate, vit_forward_gflop  # noqa: E402
+from _measure import matmul_rates, rate_share, vit_b_config, vit_forward_gflop  # noqa: E402
 
-from modeling_clsmask import ClsMaskConfig, ClsMaskForMultiLabelClassification  # noqa: E402
+from modeling_clsmask import ClsMaskForMultiLabelClassification  # noqa: E402
 
 
 NUM_CLASSES = 20
@@ -38,15 +38,7 @@ BATCH = 4
 
 def build() -> ClsMaskForMultiLabelClassification:
     torch.manual_seed(0)
-    config = ClsMaskConfig(
-        image_size=SIZE,
-        patch_size=16,
-        id2label={i: f"class_{i}" for i in range(NUM_CLASSES)},
-        token_mask_rate=0.5,
-        patch_embedding_type="patchify",  # ViT-B as the public code builds it
-        classifier_type="flatten",
-        weight_init="normal",
-    )
+    config = vit_b_config(SIZE, NUM_CLASSES, token_mask_rate=0.5, weight_init="normal")
     return ClsMaskForMultiLabelClassification(config).train()
 
 
@@ -96,11 +88,10 @@ def main():
         "fp32": time_steps(clsmask_loss, args.repeats),
         "bf16": time_steps(lambda m, p, y: clsmask_loss(m, p, y, torch.bfloat16), args.repeats),
     }
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}
-    rates["reference"] = rates["fp32"]
     gflop = 3 * BATCH * vit_forward_gflop(NUM_CLASSES + 1 + (SIZE // 16) ** 2)
     print(f"ViT-B/16, {SIZE}x{SIZE}, C={NUM_CLASSES}, batch {BATCH}, one AdamW step, CPU threads={args.threads}")
-    print(f"measured matmul rate: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
+    rates = matmul_rates()
+    rates["reference"] = rates["fp32"]
     print(f"{'variant':<58}{'median s':>10}{'% of matmul rate':>18}")
     names = {
         "reference": "reference (eager, attentions kept, Python masking loop)",
@@ -108,7 +99,7 @@ def main():
         "bf16": "clsmask bf16 autocast",
     }
     for key, name in names.items():
-        print(f"{name:<58}{timings[key]:>10.3f}{100 * gflop / timings[key] / rates[key]:>17.0f}%")
+        print(f"{name:<58}{timings[key]:>10.3f}{rate_share(gflop, timings[key], rates[key]):>17.0f}%")
     for key in ("fp32", "bf16"):
         print(f"speed ratio (reference / clsmask {key}): {timings['reference'] / timings[key]:.2f}x  (target >= 1.5x)")
 

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor  # noqa: E402
 from modeling_clsmask.pseudo_masks import masks_from_class_maps  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments  # noqa: E402
-from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data  # noqa: E402
+from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, first_rows, load_data  # noqa: E402
 from modeling_clsmask.training.metrics import (  # noqa: E402
     class_assignment_counts,
     class_assignment_summary,
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"{spec.source} has no masks: the diagnosis compares maps with ground-truth regions.")
     if args.split not in spec.dataset:
         raise ValueError(f"Split {args.split!r} not found; the dataset has {list(spec.dataset)}.")
-    data = spec.dataset[args.split].select(range(min(args.max_samples, len(spec.dataset[args.split]))))
+    data = first_rows(spec.dataset[args.split], args.max_samples)
     encoder = ExampleEncoder(
         spec, config.num_channels, config.image_grid_size, processor.image_mean, processor.image_std
     )
