@@ -138,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Block indices (0 = first) whose class attention makes the maps; overrides --attention_map_layers. "
         "Default from scratch: 0 (the most class-specific block, measured); with --init_from: the last layers.",
     )
+    model.add_argument(
+        "--attention_map_scales",
+        type=float,
+        nargs="+",
+        help="Input scales whose class maps are averaged for pseudo-masks (test-time augmentation). Default from "
+        "scratch: 0.75 1 1.5 2 (validation pseudo-mask mIoU +0.10 / +0.02 on the two generators, measured); with "
+        "--init_from: 1 (the paper).",
+    )
+    model.add_argument(
+        "--attention_map_flip",
+        action=argparse.BooleanOptionalAction,
+        help="Also average the maps of flipped inputs. Default: on from scratch, off with --init_from.",
+    )
     model.add_argument("--diversity_loss_coefficient", type=float, default=0.0, help="Public code's option: 0.1.")
     model.add_argument(
         "--background_threshold",
@@ -222,6 +235,10 @@ def build_model(args, class_names: list[str], background_label_id: int | None) -
         or (None if args.init_from or args.attention_map_layers or args.class_token_layers else [0]),
         background_threshold=background,
         background_label_id=background_label_id or 0,
+        # From scratch, maps averaged over scales and flips (measured on both generators' validation splits);
+        # pretrained ViTs keep the paper's single pass.
+        attention_map_scales=args.attention_map_scales or ([1.0] if args.init_from else [0.75, 1.0, 1.5, 2.0]),
+        attention_map_flip=not args.init_from if args.attention_map_flip is None else args.attention_map_flip,
     )
     if args.init_from:
         return load_pretrained(
@@ -238,9 +255,11 @@ def build_model(args, class_names: list[str], background_label_id: int | None) -
 
 @torch.no_grad()
 def evaluate(
-    model, dataloader, accelerator, config, class_names, processor, num_visualizations=0
+    model, dataloader, accelerator, config, class_names, processor, num_visualizations=0, augment_maps=True
 ) -> tuple[dict, list]:
-    """Classification metrics and, where masks exist, pseudo-mask mIoU (image labels and predictions)."""
+    """Classification metrics and, where masks exist, pseudo-mask mIoU (image labels and predictions).
+
+    `augment_maps=False` scores the one-pass maps (no test-time scales or flips): cheaper, for monitoring."""
     model.eval()
     num_labels = len(class_names)
     background = config.background_threshold
@@ -248,7 +267,7 @@ def evaluate(
     gathered = {"probs": [], "labels": [], "conf_gt": [], "conf_pred": [], "conf_base": [], "assign": []}
     panels = []
     for batch in tqdm(dataloader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
-        outputs = model(batch["pixel_values"], output_class_maps="mask" in batch)
+        outputs = model(batch["pixel_values"], output_class_maps="mask" in batch, augment_maps=augment_maps)
         probs = outputs.logits.float().sigmoid()
         items = {"probs": probs, "labels": batch["labels"]}
         if "mask" in batch:
@@ -401,14 +420,16 @@ def main(argv: list[str] | None = None) -> dict:
         if (epoch + 1) % args.eval_every_epochs and not is_last:
             return
         shown = args.num_visualizations if is_last else 0
+        # Epochs before the last score the one-pass maps (the test-time scales and flips cost ~5x the evaluation).
         metrics, panels = evaluate(
-            model, eval_loader, accelerator, unwrapped.config, spec.class_names, processor, shown
+            model, eval_loader, accelerator, unwrapped.config, spec.class_names, processor, shown, augment_maps=is_last
         )
         metrics.update(epoch=epoch, step=steps, train_loss=train_loss)
         gates = unwrapped.clsmask.gate_values()
         if gates is not None:
             metrics["open_gate_fraction"] = float((gates > 0).float().mean())
-        logger.info(f"epoch {epoch}: { {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)} }")
+        shown_metrics = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        logger.info(f"epoch {epoch} ({'maps as configured' if is_last else 'one-pass maps'}): {shown_metrics}")
         if args.with_tracking:
             scalars = {f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
             accelerator.log(scalars, step=steps)

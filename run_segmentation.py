@@ -2,14 +2,15 @@
 """Stage 2: stage-1 checkpoint -> pseudo-masks -> a segmentation model trained on them, scored on real masks.
 
     python run_segmentation.py --model_name_or_path outputs/pretrain
-    python run_segmentation.py --model_name_or_path outputs/pretrain --scales 1.0 0.75 1.25 --flip \\
+    python run_segmentation.py --model_name_or_path outputs/pretrain --scales 1.0 --no-flip \\
         --fully_supervised_baseline
     accelerate launch run_segmentation.py --model_name_or_path <hub id> --voc_root VOCdevkit/VOC2012 \\
         --seg_model_name_or_path nvidia/mit-b0
 
 1. Pseudo-masks for the training split, batched, from the image-level labels (the usual WSSS protocol; labels come
    from a labels column or the masks) or, with `--pseudo_label_source predictions`, from the model's predictions,
-   with optional multi-scale / flip test-time augmentation; saved as a `datasets` dataset (image + pseudo_mask) with
+   with the checkpoint's test-time scales and flips (`attention_map_scales` / `attention_map_flip`, overridable with
+   `--scales` / `--flip`); saved as a `datasets` dataset (image + pseudo_mask) with
    `save_to_disk` (and `--push_pseudo_masks_to_hub`).
 2. A SegFormer (small config from scratch, or `--seg_model_name_or_path`) trained on them with Accelerate and
    evaluated (mIoU, per class) on the validation split's real masks; `--fully_supervised_baseline` trains the same
@@ -85,8 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name_or_path", required=True, help="Stage-1 folder or Hub id.")
     add_data_arguments(parser)
     pseudo = parser.add_argument_group("pseudo-masks")
-    pseudo.add_argument("--scales", type=float, nargs="+", default=[1.0], help="Test-time scales, e.g. 1.0 0.75 1.25.")
-    pseudo.add_argument("--flip", action="store_true", help="Also average horizontally flipped inputs.")
+    pseudo.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        help="Test-time scales whose maps are averaged, e.g. 0.75 1 1.5 2 (default: the stage-1 config's "
+        "attention_map_scales).",
+    )
+    pseudo.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="Also average the maps of flipped inputs (default: the stage-1 config's attention_map_flip).",
+    )
     pseudo.add_argument(
         "--background_threshold",
         type=optional_fraction,
@@ -126,36 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_arguments(parser, args)
     if args.push_pseudo_masks_to_hub and not args.pseudo_masks_repo_id:
         parser.error("--push_pseudo_masks_to_hub needs --pseudo_masks_repo_id.")
+    if args.scales is not None and not all(0 < scale <= 8 for scale in args.scales):
+        parser.error(f"--scales must lie in (0, 8], got {args.scales}.")
     return args
-
-
-def scaled_size(height: int, width: int, scale: float, patch: int) -> tuple[int, int]:
-    """(H, W) times `scale`, rounded to the nearest multiple of the patch size (at least one patch)."""
-    return max(patch, round(height * scale / patch) * patch), max(patch, round(width * scale / patch) * patch)
-
-
-@torch.no_grad()
-def tta_class_maps(model, pixel_values: torch.Tensor, scales: list[float], flip: bool):
-    """Class maps and probabilities averaged over scales (and flips), at the scale-1 patch grid. Batched."""
-    patch = model.config.patch_size
-    height, width = pixel_values.shape[-2:]
-    grid = (max(1, height // patch), max(1, width // patch))
-    maps, probs, count = 0, 0, 0
-    for scale in scales:
-        size = scaled_size(height, width, scale, patch)
-        scaled = (
-            pixel_values
-            if size == (height, width)
-            else F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
-        )
-        for flipped in [False, True] if flip else [False]:
-            inputs = scaled.flip(-1) if flipped else scaled
-            out = model(inputs, output_class_maps=True)
-            class_maps = out.class_maps.flip(-1) if flipped else out.class_maps
-            maps = maps + F.interpolate(class_maps.float(), size=grid, mode="bilinear", align_corners=False)
-            probs = probs + out.logits.float().sigmoid()
-            count += 1
-    return maps / count, probs / count
 
 
 def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) -> tuple[datasets.Dataset, dict]:
@@ -175,8 +159,9 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
     model.eval().to(accelerator.device)
     for batch in tqdm(loader, desc=f"pseudo-masks ({split})", disable=not accelerator.is_local_main_process):
         pixels = batch["pixel_values"].to(accelerator.device)
-        with accelerator.autocast():  # bf16 with --mixed_precision bf16 (maps and masks are made in fp32)
-            class_maps, probs = tta_class_maps(model, pixels, args.scales, args.flip)
+        with accelerator.autocast(), torch.no_grad():  # bf16 with --mixed_precision bf16 (masks are made in fp32)
+            outputs = model(pixels, output_class_maps=True)  # averaged over the configured scales and flips
+        class_maps, probs = outputs.class_maps.float(), outputs.logits.float().sigmoid()
         present = batch["labels"].bool().to(pixels.device) if source == "labels" else probs >= config.class_threshold
         pseudo = masks_from_class_maps(class_maps, probs, present, size, background, config.background_label_id)
         masks.append(pseudo.cpu())
@@ -201,8 +186,8 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
     pseudo_data = pseudo_data.select_columns(keep)
     report = {
         "pseudo_label_source": source,
-        "scales": args.scales,
-        "flip": args.flip,
+        "scales": config.attention_map_scales,
+        "flip": config.attention_map_flip,
         "background_threshold": background,
         "mixed_precision": accelerator.mixed_precision,
     }
@@ -414,6 +399,11 @@ def main(argv: list[str] | None = None) -> dict:
     stage1 = load_pretrained(
         ClsMaskForMultiLabelClassification.from_pretrained, args.model_name_or_path, "--model_name_or_path"
     )
+    # --scales / --flip override the checkpoint's test-time augmentation of the maps for this run.
+    if args.scales is not None:
+        stage1.config.attention_map_scales = list(args.scales)
+    if args.flip is not None:
+        stage1.config.attention_map_flip = args.flip
     with accelerator.main_process_first():
         spec = load_data(DataArguments.from_namespace(args))
     stage1_classes = [stage1.config.id2label[i] for i in range(stage1.config.num_labels)]

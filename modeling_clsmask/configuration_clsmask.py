@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import field
+
 from transformers import PreTrainedConfig
 
 
@@ -26,6 +28,12 @@ class ClsMaskConfig(PreTrainedConfig):
             is summed instead of the last `attention_map_layers`. In a from-scratch model the first block's class
             queries are fixed templates matched against the stem's local features, and its maps are the most
             class-specific (measured, see README); later blocks' class attention reads already-mixed patches.
+        attention_map_scales (`list[float]`): input scales whose class maps are averaged at inference (test-time
+            augmentation of the maps, as WSSS methods do for their CAMs). `[1.0]`: one pass (the paper). Each
+            scale's maps count as attention per scale-1 patch and are averaged on the finest grid; an upscaled
+            input gives a finer patch grid, which is where the gain comes from (measured, see README). Training
+            and the class probabilities always use the input as given.
+        attention_map_flip (`bool`): also average the maps of the horizontally flipped inputs.
         class_threshold (`float`): probability at which a class counts as predicted.
         background_threshold (`float`, *optional*): `None` means every pixel gets a foreground class (as in
             DFC2020). A float makes pixels whose best normalised class score is below it background.
@@ -80,6 +88,8 @@ class ClsMaskConfig(PreTrainedConfig):
     l0_penalty: float = 0.01
     attention_map_layers: int = 1
     attention_map_layer_ids: list[int] | None = None
+    attention_map_scales: list[float] = field(default_factory=lambda: [1.0])
+    attention_map_flip: bool = False
     class_threshold: float = 0.5
     background_threshold: float | None = None
     background_label_id: int = 0
@@ -145,6 +155,11 @@ class ClsMaskConfig(PreTrainedConfig):
                     f"attention_map_layer_ids must be a non-empty list of block indices in [{first}, "
                     f"{self.num_hidden_layers - 1}] (blocks with class tokens), got {self.attention_map_layer_ids}."
                 )
+        self.attention_map_scales = [float(scale) for scale in self.attention_map_scales]
+        if not self.attention_map_scales or not all(0 < scale <= 8 for scale in self.attention_map_scales):
+            raise ValueError(
+                f"attention_map_scales must be a non-empty list of scales in (0, 8], got {self.attention_map_scales}."
+            )
         if not self.gate_limit_low < 0.0 < 1.0 < self.gate_limit_high:
             raise ValueError("Hard Concrete stretch limits must satisfy gate_limit_low < 0 < 1 < gate_limit_high.")
         if self.background_threshold is not None and not 0 <= self.background_label_id < self.num_labels:

@@ -65,7 +65,9 @@ class ClsMaskClassifierOutput(ModelOutput):
     """
     loss: BCE (+ L0 gate penalty) when `labels` is given.
     logits: (B, C) class logits (sigmoid for probabilities).
-    class_maps: (B, C, h, w) class-to-patch attention aggregated over heads and the last layers, when asked for.
+    class_maps: (B, C, h, w) class-to-patch attention aggregated over heads and the chosen layers, when asked for;
+        outside training also averaged over the configured scales and flips (then h, w is the finest grid).
+    class_attentions: the attention rows of the input as given (no augmentation).
     l0_loss: the gate penalty before weighting (expected number of open gates), when gates are used.
     """
 
@@ -81,7 +83,8 @@ class ClsMaskClassifierOutput(ModelOutput):
 @dataclass
 class ClsMaskSemanticSegmenterOutput(ModelOutput):
     """
-    logits: (B, num_labels, h, w) segmentation scores at patch resolution: the normalised class map for classes
+    logits: (B, num_labels, h, w) segmentation scores on the maps' grid (the patch grid, or the finest grid of
+        `config.attention_map_scales` outside training): the normalised class map for classes
         taken as present, -1 elsewhere, and `background_threshold` in the background channel when one is set.
         Their argmax is a coarse mask; `ClsMaskImageProcessor.post_process_semantic_segmentation` builds the
         paper's pseudo-mask from `class_maps` and `class_probs` instead.
@@ -596,6 +599,14 @@ def patch_grid(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
     return pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
 
 
+def scaled_size(height: int, width: int, scale: float, patch_size: int) -> tuple[int, int]:
+    """(H, W) times `scale`, rounded to the nearest multiple of the patch size (at least one patch)."""
+    return (
+        max(patch_size, round(height * scale / patch_size) * patch_size),
+        max(patch_size, round(width * scale / patch_size) * patch_size),
+    )
+
+
 def _pair(value) -> tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
 
@@ -788,6 +799,50 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
                 loss = loss + self.config.l0_penalty * l0
         return logits, loss, l0
 
+    @torch.no_grad()
+    def augmented_class_maps(
+        self, pixel_values: torch.Tensor, class_maps: torch.Tensor, attention_map_layers: int | None = None
+    ) -> torch.Tensor:
+        """The maps averaged over `config.attention_map_scales` (and flips with `attention_map_flip`).
+
+        `class_maps` are the maps of the input as given (reused when scale 1 is asked for). Every pass's map is put
+        in units of attention per scale-1 patch and enlarged (bilinear) to the finest grid among the passes, so an
+        upscaled pass adds the resolution of its finer patch grid. Without augmentation, `class_maps` is returned
+        as is.
+        """
+        scales, flip = self.config.attention_map_scales, self.config.attention_map_flip
+        if list(scales) == [1.0] and not flip:
+            return class_maps
+        height, width = pixel_values.shape[-2:]
+        patch = self.config.patch_size
+        layers = self.clsmask.class_attention_layers(attention_map_layers)
+        base_patches = class_maps.shape[-2] * class_maps.shape[-1]
+        passes = []
+        for scale in scales:
+            size = scaled_size(height, width, scale, patch)
+            scaled = pixel_values
+            if size != (height, width):
+                scaled = nn.functional.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+            for flipped in (False, True) if flip else (False,):
+                if size == (height, width) and not flipped:
+                    passes.append(class_maps.float())
+                    continue
+                inputs = scaled.flip(-1) if flipped else scaled
+                attentions = self.clsmask(
+                    inputs,
+                    output_class_attentions=True,
+                    attention_map_layers=attention_map_layers,
+                    class_tokens_only=True,
+                ).class_attentions
+                maps = self.class_maps_from_attentions(attentions, patch_grid(inputs, patch), layers).float()
+                passes.append(maps.flip(-1) if flipped else maps)
+        grid = max((tuple(maps.shape[-2:]) for maps in passes), key=lambda shape: shape[0] * shape[1])
+        total = 0
+        for maps in passes:
+            density = maps * (maps.shape[-2] * maps.shape[-1] / base_patches)
+            total = total + nn.functional.interpolate(density, size=grid, mode="bilinear", align_corners=False)
+        return (total / len(passes)).to(class_maps.dtype)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -797,12 +852,15 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        augment_maps: bool = True,
         **kwargs,
     ) -> ClsMaskClassifierOutput | tuple:
         """
         labels: (B, num_labels) multi-hot image labels. They give the loss and, in training, which tokens may be
             masked.
         output_class_maps: also return (B, C, h, w) class maps (and the per-layer class attention rows).
+        augment_maps: outside training, average the maps over `config.attention_map_scales` / `attention_map_flip`
+            (`augmented_class_maps`); False gives the maps of the input as given (one pass, e.g. for monitoring).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_attentions is None:
@@ -826,6 +884,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             layers = self.clsmask.class_attention_layers(attention_map_layers)
             grid = patch_grid(pixel_values, self.config.patch_size)
             class_maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
+            if augment_maps and not self.training:
+                class_maps = self.augmented_class_maps(pixel_values, class_maps, attention_map_layers)
         if diversity:
             present = self.check_labels(labels, class_maps.shape[0])
             loss = loss + self.config.diversity_loss_coefficient * diversity_loss(class_maps, present)
@@ -856,12 +916,14 @@ class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        augment_maps: bool = True,
         **kwargs,
     ) -> ClsMaskSemanticSegmenterOutput | tuple:
         """
         labels: (B, num_labels) multi-hot image labels for the classification loss.
         image_labels: (B, num_labels) multi-hot; when given, the masks use these classes instead of the predicted
             ones (the usual WSSS protocol for pseudo-labelling a labelled training set).
+        augment_maps: see [`ClsMaskForMultiLabelClassification.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = super().forward(
@@ -872,6 +934,7 @@ class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            augment_maps=augment_maps,
         )
         probs = outputs.logits.float().sigmoid()
         if image_labels is not None:

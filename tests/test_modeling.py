@@ -10,6 +10,7 @@ from modeling_clsmask import (
     ClsMaskForSemanticSegmentation,
     ClsMaskModel,
 )
+from modeling_clsmask.modeling_clsmask import scaled_size
 
 
 def test_shapes_sequence_order(config):
@@ -457,3 +458,52 @@ def test_attention_map_layer_ids_pick_blocks():
             tiny_config(num_hidden_layers=3, attention_map_layer_ids=bad)
     with pytest.raises(ValueError, match="attention_map_layer_ids"):
         tiny_config(num_hidden_layers=3, class_token_layers=1, attention_map_layer_ids=[0])
+
+
+def one_pass_maps(model, pixels):
+    return model(pixels, output_class_maps=True, augment_maps=False).class_maps
+
+
+def test_augmented_maps_against_explicit_passes():
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    plain = ClsMaskForMultiLabelClassification(tiny_config()).eval()
+    # Default: one pass, whatever augment_maps says.
+    torch.testing.assert_close(plain(pixels, output_class_maps=True).class_maps, one_pass_maps(plain, pixels))
+
+    model = ClsMaskForMultiLabelClassification(tiny_config(attention_map_scales=[1.0, 2.0], attention_map_flip=True))
+    model.load_state_dict(plain.state_dict())
+    model.eval()
+    big = torch.nn.functional.interpolate(pixels, size=(64, 64), mode="bilinear", align_corners=False)
+    passes = [
+        one_pass_maps(plain, pixels),
+        one_pass_maps(plain, pixels.flip(-1)).flip(-1),
+        4 * one_pass_maps(plain, big),  # attention per scale-1 patch: 4 fine patches per coarse one
+        4 * one_pass_maps(plain, big.flip(-1)).flip(-1),
+    ]
+    up = [torch.nn.functional.interpolate(m, size=(8, 8), mode="bilinear", align_corners=False) for m in passes]
+    expected = sum(up) / 4
+    out = model(pixels, output_class_maps=True)
+    assert out.class_maps.shape == (2, 3, 8, 8)  # the finest grid (scale 2)
+    torch.testing.assert_close(out.class_maps, expected, atol=1e-5, rtol=1e-4)
+    # Probabilities and the one-pass attention rows are those of the input as given.
+    torch.testing.assert_close(out.logits, plain(pixels).logits)
+    # Flip-averaged maps are flip-equivariant.
+    torch.testing.assert_close(model(pixels.flip(-1), output_class_maps=True).class_maps, out.class_maps.flip(-1),
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
+    # Training (e.g. the diversity loss) always uses the one pass.
+    model.train()
+    assert model(pixels, output_class_maps=True).class_maps.shape == (2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("height, width", [(40, 56), (24, 72)])
+def test_augmented_maps_odd_sizes_and_segmentation_grid(height, width):
+    config = tiny_config(attention_map_scales=[1.0, 0.75, 1.25, 0.5], attention_map_flip=True)
+    model = ClsMaskForSemanticSegmentation(config).eval()
+    out = model(torch.randn(2, 3, height, width))
+    finest = scaled_size(height, width, 1.25, 8)
+    assert out.class_maps.shape == out.logits.shape == (2, 3, finest[0] // 8, finest[1] // 8)
+    assert scaled_size(40, 56, 0.75, 8) == (32, 40) and scaled_size(8, 8, 0.3, 8) == (8, 8)
+    for bad in ([], [0.0], [-1.0]):
+        with pytest.raises(ValueError, match="attention_map_scales"):
+            tiny_config(attention_map_scales=bad)

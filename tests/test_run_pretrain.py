@@ -52,6 +52,7 @@ def test_builtin_end_to_end(tmp_path, capsys):
     assert config["patch_embedding_type"] == "conv" and config["conv_stem_depth"] == 2
     assert config["classifier_type"] == "shared" and config["weight_init"] == "fan_in"
     assert config["attention_map_layer_ids"] == [0] and config["token_mask_rate"] == 0.0
+    assert config["attention_map_scales"] == [0.75, 1.0, 1.5, 2.0] and config["attention_map_flip"]
     assert saved["test_num_images"] == 16 and "test_pseudo_mask_mean_iou" in saved
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers"
@@ -345,6 +346,10 @@ def test_recipes_are_valid_and_voc_recipe_runs(tmp_path):
     assert config["use_head_gates"] and config["token_mask_rate"] == 0.5
     with pytest.raises(SystemExit):
         run_pretrain.parse_args(["--recipe", "nope"])
+    # The paper's configuration makes its maps in one pass.
+    paper_args = run_pretrain.parse_args(["--recipe", "paper", *TINY, "--attention_map_layers", "2"])
+    paper = run_pretrain.build_model(paper_args, ["a", "b"], None)
+    assert paper.config.attention_map_scales == [1.0] and not paper.config.attention_map_flip
 
 
 def make_splits(path, train: list[dict], validation: list[dict], features: datasets.Features):

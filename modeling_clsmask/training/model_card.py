@@ -32,7 +32,8 @@ CONFIG_FIELDS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "patch_embedding_type", "conv_stem_depth", "classifier_type", "weight_init", "num_register_tokens",
     "token_mask_rate", "use_head_gates", "l0_penalty", "attention_map_layers", "attention_map_layer_ids",
-    "class_token_layers", "class_token_isolation", "background_threshold",
+    "attention_map_scales", "attention_map_flip", "class_token_layers", "class_token_isolation",
+    "background_threshold",
 )  # fmt: skip
 
 
