@@ -6,11 +6,12 @@
 Each run trains `run_pretrain.py` from scratch on 3000 generated training images (64 px) for `--epochs` epochs with
 the shipped defaults plus the variant's flags, and is scored on that generator's *test* split (no setting was chosen
 on it). Variants:
-- `shipped`: the defaults (conv stem, fan-in init, shared readout, maps from block 0, no token masking);
+- `shipped`: the defaults (conv stem, fan-in init, shared readout, maps from block 0 averaged over test-time scales
+  and flips, no token masking);
 - `masking`: the same with class-specific token masking r = 0.5 (the paper's rate);
 - `gates`: the same with Hard Concrete head gates started at log_alpha 0 (the public code's start), L0 0.01;
 - `paper`: the paper's configuration (`--recipe paper`: patchify stem, ViT init, flattened readout, masking 0.5,
-  maps summed over all blocks).
+  maps summed over all blocks, one pass).
 
 Prints, per generator and variant, mean and spread (min-max) over seeds of pseudo-mask mIoU, class assignment with
 that split's chance level, mAP and the share of closed heads; every run's metrics go to `results.json`, which is
