@@ -123,8 +123,8 @@ def main(argv=None) -> dict:
     background = config.background_threshold
     bg_id = config.background_label_id
     foreground = [i for i in range(num_labels) if background is None or i != bg_id]
-    # Variants: (layer, None) = heads averaged as the model does; (layer, h) = head h alone; ("sum", None) = the
-    # layers the checkpoint's own maps sum.
+    # Variants: (layer, None) = heads averaged as the model does, one pass; (layer, h) = head h alone; ("sum", None) =
+    # the checkpoint's own maps (its layers, test-time scales and flips).
     variants = [(layer, head) for layer in layers for head in (None, *range(num_heads))] + [("sum", None)]
     confusion = {v: 0 for v in variants}
     assign = {v: [] for v in variants}
@@ -141,7 +141,8 @@ def main(argv=None) -> dict:
             one_hot[:, num_labels] += one_hot[:, bg_id]
             one_hot[:, bg_id] = 0
         patch_share = F.adaptive_avg_pool2d(one_hot, grid).flatten(2)  # (B, K, N)
-        probs = model(pixels).class_probs
+        configured = model(pixels)  # the checkpoint's own maps (with its test-time scales and flips) and probabilities
+        probs = configured.class_probs
         all_labels.append(labels)
         layer_maps = {}
         for layer, attention in zip(layers, out.class_attentions):
@@ -157,8 +158,8 @@ def main(argv=None) -> dict:
             )
             for variant, maps in maps_by_variant.items():
                 accumulate(variant, maps, probs, labels, masks, confusion, assign, num_labels, foreground, config)
-        summed = sum(layer_maps[layer] for layer in base.class_attention_layers())
-        accumulate(("sum", None), summed, probs, labels, masks, confusion, assign, num_labels, foreground, config)
+        maps = configured.class_maps
+        accumulate(("sum", None), maps, probs, labels, masks, confusion, assign, num_labels, foreground, config)
         if len(pictures) < args.num_visualizations:
             pictures.append((pixels, labels, masks, layer_maps))
 
@@ -175,7 +176,7 @@ def main(argv=None) -> dict:
     for variant in variants:
         layer, head = variant
         if layer == "sum":
-            name = f"checkpoint's maps {base.class_attention_layers()}"
+            name = "checkpoint's maps"
         else:
             name = f"layer {layer} " + ("heads averaged" if head is None else f"  head {head}")
         row = rows[variant]
@@ -183,6 +184,9 @@ def main(argv=None) -> dict:
             f"{name:<26}{row['class_assignment_accuracy']:>18.3f}{row['class_assignment_margin']:>+9.3f}"
             f"{row['mean_iou']:>18.3f}"
         )
+    flips = " and flips" if config.attention_map_flip else ""
+    scales = config.attention_map_scales
+    print(f"(checkpoint's maps: blocks {base.class_attention_layers()}, input scales {scales}{flips})")
     print("\nattention of each present class token (share of its row, heads averaged):")
     print(f"{'layer':<8}" + "".join(f"{key:>20}" for key in MASS_KEYS))
     present = torch.cat(all_labels).bool()
