@@ -44,6 +44,7 @@ from transformers import (
 )
 
 from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor, masks_from_class_maps
+from modeling_clsmask.configuration_clsmask import check_attention_map_scales
 from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
 from modeling_clsmask.training.arguments import (
     DataArguments,
@@ -137,8 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_arguments(parser, args)
     if args.push_pseudo_masks_to_hub and not args.pseudo_masks_repo_id:
         parser.error("--push_pseudo_masks_to_hub needs --pseudo_masks_repo_id.")
-    if args.scales is not None and not all(0 < scale <= 8 for scale in args.scales):
-        parser.error(f"--scales must lie in (0, 8], got {args.scales}.")
+    if args.scales is not None:
+        try:
+            check_attention_map_scales(args.scales)
+        except ValueError as error:
+            parser.error(f"--scales: {error}")
     return args
 
 

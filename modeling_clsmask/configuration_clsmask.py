@@ -7,6 +7,14 @@ from dataclasses import field
 from transformers import PreTrainedConfig
 
 
+def check_attention_map_scales(scales) -> list[float]:
+    """`scales` as floats, or a ValueError naming the field: a non-empty list of input scales in (0, 8]."""
+    scales = [float(scale) for scale in scales]
+    if not scales or not all(0 < scale <= 8 for scale in scales):
+        raise ValueError(f"attention_map_scales must be a non-empty list of scales in (0, 8], got {scales}.")
+    return scales
+
+
 class ClsMaskConfig(PreTrainedConfig):
     r"""
     Configuration of [`ClsMaskModel`]: a ViT whose sequence is `C` class tokens (one per label), the patch tokens
@@ -155,11 +163,7 @@ class ClsMaskConfig(PreTrainedConfig):
                     f"attention_map_layer_ids must be a non-empty list of block indices in [{first}, "
                     f"{self.num_hidden_layers - 1}] (blocks with class tokens), got {self.attention_map_layer_ids}."
                 )
-        self.attention_map_scales = [float(scale) for scale in self.attention_map_scales]
-        if not self.attention_map_scales or not all(0 < scale <= 8 for scale in self.attention_map_scales):
-            raise ValueError(
-                f"attention_map_scales must be a non-empty list of scales in (0, 8], got {self.attention_map_scales}."
-            )
+        self.attention_map_scales = check_attention_map_scales(self.attention_map_scales)
         if not self.gate_limit_low < 0.0 < 1.0 < self.gate_limit_high:
             raise ValueError("Hard Concrete stretch limits must satisfy gate_limit_low < 0 < 1 < gate_limit_high.")
         if self.background_threshold is not None and not 0 <= self.background_label_id < self.num_labels:
