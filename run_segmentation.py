@@ -9,9 +9,9 @@
 
 1. Pseudo-masks for the training split, batched, from the image-level labels (the usual WSSS protocol; labels come
    from a labels column or the masks) or, with `--pseudo_label_source predictions`, from the model's predictions,
-   with the checkpoint's test-time scales and flips (`attention_map_scales` / `attention_map_flip`, overridable with
-   `--scales` / `--flip`); saved as a `datasets` dataset (image + pseudo_mask) with
-   `save_to_disk` (and `--push_pseudo_masks_to_hub`).
+   with the checkpoint's test-time scales, flips and refinement (`attention_map_scales` / `attention_map_flip` /
+   `attention_map_refinement_iterations`, overridable with `--scales` / `--flip` / `--refinement_iterations`);
+   saved as a `datasets` dataset (image + pseudo_mask) with `save_to_disk` (and `--push_pseudo_masks_to_hub`).
 2. A SegFormer (small config from scratch, or `--seg_model_name_or_path`) trained on them with Accelerate and
    evaluated (mIoU, per class) on the validation split's real masks; `--fully_supervised_baseline` trains the same
    recipe on the real masks, on the same images, for a weak/full ratio. Both models checkpoint and resume.
@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Also average the maps of flipped inputs (default: the stage-1 config's attention_map_flip).",
     )
     pseudo.add_argument(
+        "--refinement_iterations",
+        type=int,
+        help="Iterations of the refinement of the maps with the image, 0 = off (default: the stage-1 config's "
+        "attention_map_refinement_iterations).",
+    )
+    pseudo.add_argument(
         "--background_threshold",
         type=optional_fraction,
         default=AUTO,
@@ -138,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_arguments(parser, args)
     if args.push_pseudo_masks_to_hub and not args.pseudo_masks_repo_id:
         parser.error("--push_pseudo_masks_to_hub needs --pseudo_masks_repo_id.")
+    if args.refinement_iterations is not None and args.refinement_iterations < 0:
+        parser.error(f"--refinement_iterations must be >= 0, got {args.refinement_iterations}.")
     if args.scales is not None:
         try:
             check_attention_map_scales(args.scales)
@@ -164,7 +172,8 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
     for batch in tqdm(loader, desc=f"pseudo-masks ({split})", disable=not accelerator.is_local_main_process):
         pixels = batch["pixel_values"].to(accelerator.device)
         with accelerator.autocast(), torch.no_grad():  # bf16 with --mixed_precision bf16 (masks are made in fp32)
-            outputs = model(pixels, output_class_maps=True)  # averaged over the configured scales and flips
+            # Averaged over the configured scales and flips, and refined with the image where configured.
+            outputs = model(pixels, output_class_maps=True)
         class_maps, probs = outputs.class_maps.float(), outputs.logits.float().sigmoid()
         present = batch["labels"].bool().to(pixels.device) if source == "labels" else probs >= config.class_threshold
         pseudo = masks_from_class_maps(class_maps, probs, present, size, background, config.background_label_id)
@@ -192,6 +201,7 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
         "pseudo_label_source": source,
         "scales": config.attention_map_scales,
         "flip": config.attention_map_flip,
+        "refinement_iterations": config.attention_map_refinement_iterations,
         "background_threshold": background,
         "mixed_precision": accelerator.mixed_precision,
     }
@@ -403,11 +413,13 @@ def main(argv: list[str] | None = None) -> dict:
     stage1 = load_pretrained(
         ClsMaskForMultiLabelClassification.from_pretrained, args.model_name_or_path, "--model_name_or_path"
     )
-    # --scales / --flip override the checkpoint's test-time augmentation of the maps for this run.
+    # --scales / --flip / --refinement_iterations override the checkpoint's processing of the maps for this run.
     if args.scales is not None:
         stage1.config.attention_map_scales = list(args.scales)
     if args.flip is not None:
         stage1.config.attention_map_flip = args.flip
+    if args.refinement_iterations is not None:
+        stage1.config.attention_map_refinement_iterations = args.refinement_iterations
     with accelerator.main_process_first():
         spec = load_data(DataArguments.from_namespace(args))
     stage1_classes = [stage1.config.id2label[i] for i in range(stage1.config.num_labels)]

@@ -15,6 +15,18 @@ def check_attention_map_scales(scales) -> list[float]:
     return scales
 
 
+def check_refinement(iterations, dilations, sigma) -> None:
+    """A ValueError naming the field when the map refinement's settings cannot work."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"attention_map_refinement_iterations must be an integer >= 0, got {iterations!r}.")
+    if not dilations or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations):
+        raise ValueError(
+            f"attention_map_refinement_dilations must be a non-empty list of integers >= 1, got {dilations!r}."
+        )
+    if not sigma > 0:
+        raise ValueError(f"attention_map_refinement_sigma must be > 0, got {sigma!r}.")
+
+
 class ClsMaskConfig(PreTrainedConfig):
     r"""
     Configuration of [`ClsMaskModel`]: a ViT whose sequence is `C` class tokens (one per label), the patch tokens
@@ -42,6 +54,14 @@ class ClsMaskConfig(PreTrainedConfig):
             input gives a finer patch grid, which is where the gain comes from (measured, see README). Training
             and the class probabilities always use the input as given.
         attention_map_flip (`bool`): also average the maps of the horizontally flipped inputs.
+        attention_map_refinement_iterations (`int`): iterations of the pixel-adaptive refinement of the maps with
+            the input image at inference (`ClsMaskMapRefinement`, after the test-time scales and flips); the maps
+            then come at the input's resolution. 0 (default): the maps as they are (the paper, which uses no CRF or
+            refinement).
+        attention_map_refinement_dilations (`list[int]`): dilations, in input pixels, of the refinement's
+            neighbourhood (8 neighbours each).
+        attention_map_refinement_sigma (`float`): colour tolerance of the refinement, in units of the local spread
+            of the input bands: larger lets map mass cross weaker edges.
         class_threshold (`float`): probability at which a class counts as predicted.
         background_threshold (`float`, *optional*): `None` means every pixel gets a foreground class (as in
             DFC2020). A float makes pixels whose best normalised class score is below it background.
@@ -98,6 +118,9 @@ class ClsMaskConfig(PreTrainedConfig):
     attention_map_layer_ids: list[int] | None = None
     attention_map_scales: list[float] = field(default_factory=lambda: [1.0])
     attention_map_flip: bool = False
+    attention_map_refinement_iterations: int = 0
+    attention_map_refinement_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+    attention_map_refinement_sigma: float = 0.5
     class_threshold: float = 0.5
     background_threshold: float | None = None
     background_label_id: int = 0
@@ -164,6 +187,12 @@ class ClsMaskConfig(PreTrainedConfig):
                     f"{self.num_hidden_layers - 1}] (blocks with class tokens), got {self.attention_map_layer_ids}."
                 )
         self.attention_map_scales = check_attention_map_scales(self.attention_map_scales)
+        check_refinement(
+            self.attention_map_refinement_iterations,
+            self.attention_map_refinement_dilations,
+            self.attention_map_refinement_sigma,
+        )
+        self.attention_map_refinement_dilations = [int(d) for d in self.attention_map_refinement_dilations]
         if not self.gate_limit_low < 0.0 < 1.0 < self.gate_limit_high:
             raise ValueError("Hard Concrete stretch limits must satisfy gate_limit_low < 0 < 1 < gate_limit_high.")
         if self.background_threshold is not None and not 0 <= self.background_label_id < self.num_labels:

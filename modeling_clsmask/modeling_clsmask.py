@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_clsmask import ClsMaskConfig
-from .pseudo_masks import masks_from_class_maps, normalize_maps
+from .pseudo_masks import masks_from_class_maps, normalize_maps, working_size
 
 
 logger = logging.get_logger(__name__)
@@ -418,6 +418,78 @@ class ClsMaskClassTokenReadout(nn.Module):
         return self.dense(class_states).squeeze(-1) + self.bias
 
 
+class ClsMaskMapRefinement(nn.Module):
+    """Pixel-adaptive refinement of class maps with the input image (the PAR module of Ru et al., CVPR 2022, as ToCo
+    uses it on its pseudo-labels). Not in the paper, which uses the maps as they are.
+
+    Why: class-token attention sits on the patch grid and peaks on one or two patches of its object, so thresholded
+    maps are blobs at the right place that miss thin parts and spill over edges. Each iteration replaces every
+    pixel's map value by a weighted mean over a sparse neighbourhood (the 8 neighbours at each of the dilations),
+    weighted by how alike the input bands are (softmax over the neighbours of `-(|I_j - I_i| / (sigma * s_i))^2`,
+    averaged over bands, `s_i` the bands' spread over the neighbourhood) plus a small term for nearness. The weights
+    sum to one, so the maps keep their units; mass flows inside regions of like colour and hardly across edges.
+    It has no parameters: it is inference-time processing, like the test-time scales.
+    """
+
+    # Weight of the nearness term against the colour term (ToCo's value).
+    POSITION_WEIGHT = 0.01
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.config = config
+
+    def offsets(self) -> list[tuple[int, int]]:
+        """(dy, dx) of the neighbourhood: the 8 neighbours at each dilation."""
+        return [
+            (dy * d, dx * d)
+            for d in self.config.attention_map_refinement_dilations
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if dy or dx
+        ]
+
+    @staticmethod
+    def neighbours(values: torch.Tensor, offsets: list[tuple[int, int]], reach: int):
+        """Yield (..., H, W) views of `values` shifted by each offset, borders replicated."""
+        height, width = values.shape[-2:]
+        padded = nn.functional.pad(values, (reach, reach, reach, reach), mode="replicate")
+        for dy, dx in offsets:
+            yield padded[..., reach + dy : reach + dy + height, reach + dx : reach + dx + width]
+
+    def affinity(self, image: torch.Tensor, offsets: list[tuple[int, int]], reach: int) -> torch.Tensor:
+        """(B, N, H, W) weights of the N neighbours of every pixel; they sum to one over N."""
+        count = len(offsets)
+        mean = sum(self.neighbours(image, offsets, reach)) / count
+        spread = (sum((n - mean) ** 2 for n in self.neighbours(image, offsets, reach)) / max(count - 1, 1)).sqrt()
+        scale = (spread + 1e-8) * self.config.attention_map_refinement_sigma
+        logits = torch.stack(
+            [-(((n - image).abs() / scale) ** 2).mean(1) for n in self.neighbours(image, offsets, reach)], dim=1
+        )
+        distance = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], device=image.device)
+        nearness = -((distance / distance.std().clamp_min(1e-8) / self.config.attention_map_refinement_sigma) ** 2)
+        weights = logits.softmax(1) + self.POSITION_WEIGHT * nearness.softmax(0).view(1, count, 1, 1)
+        return weights / weights.sum(1, keepdim=True)
+
+    @torch.no_grad()
+    def forward(self, class_maps: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) maps -> (B, C, H, W) refined maps at the input's resolution (at most `MAX_WORKING_SIZE` on
+        the longer side, aspect kept), in the maps' dtype."""
+        size = working_size(tuple(pixel_values.shape[-2:]))
+        image = pixel_values.float()
+        if tuple(image.shape[-2:]) != size:
+            image = nn.functional.interpolate(image, size=size, mode="area")
+        maps = nn.functional.interpolate(class_maps.float(), size=size, mode="bilinear", align_corners=False)
+        offsets = self.offsets()
+        reach = max(self.config.attention_map_refinement_dilations)
+        weights = self.affinity(image, offsets, reach)
+        for _ in range(self.config.attention_map_refinement_iterations):
+            refined = torch.zeros_like(maps)
+            for index, shifted in enumerate(self.neighbours(maps, offsets, reach)):
+                refined += shifted * weights[:, index : index + 1]
+            maps = refined
+        return maps.to(class_maps.dtype)
+
+
 class ClsMaskPreTrainedModel(PreTrainedModel):
     config: ClsMaskConfig
     config_class = ClsMaskConfig
@@ -755,6 +827,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
     def __init__(self, config: ClsMaskConfig):
         super().__init__(config)
         self.clsmask = ClsMaskModel(config)
+        self.map_refinement = ClsMaskMapRefinement(config)
         if config.classifier_type == "shared":
             self.classifier = ClsMaskClassTokenReadout(config)
         else:
@@ -860,7 +933,9 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             masked.
         output_class_maps: also return (B, C, h, w) class maps (and the per-layer class attention rows).
         augment_maps: outside training, average the maps over `config.attention_map_scales` / `attention_map_flip`
-            (`augmented_class_maps`); False gives the maps of the input as given (one pass, e.g. for monitoring).
+            (`augmented_class_maps`) and refine them with the image when `attention_map_refinement_iterations` > 0
+            (`ClsMaskMapRefinement`; the maps then come at the input's resolution); False gives the raw maps of the
+            input as given (one pass on the patch grid, e.g. for monitoring).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_attentions is None:
@@ -886,6 +961,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             class_maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
             if augment_maps and not self.training:
                 class_maps = self.augmented_class_maps(pixel_values, class_maps, attention_map_layers)
+                if self.config.attention_map_refinement_iterations > 0:
+                    class_maps = self.map_refinement(class_maps, pixel_values)
         if diversity:
             present = self.check_labels(labels, class_maps.shape[0])
             loss = loss + self.config.diversity_loss_coefficient * diversity_loss(class_maps, present)

@@ -1,5 +1,7 @@
 """The class-token ViT: shapes, token masking, head gates, class attention, interpolation, ViT parity, I/O."""
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -10,7 +12,7 @@ from modeling_clsmask import (
     ClsMaskForSemanticSegmentation,
     ClsMaskModel,
 )
-from modeling_clsmask.modeling_clsmask import scaled_size
+from modeling_clsmask.modeling_clsmask import ClsMaskMapRefinement, scaled_size
 
 
 def test_shapes_sequence_order(config):
@@ -507,3 +509,94 @@ def test_augmented_maps_odd_sizes_and_segmentation_grid(height, width):
     for bad in ([], [0.0], [-1.0]):
         with pytest.raises(ValueError, match="attention_map_scales"):
             tiny_config(attention_map_scales=bad)
+
+
+def explicit_refinement(maps, image, iterations, dilations, sigma, position_weight=0.01):
+    """The refinement written pixel by pixel, for a small (C, H, W) map and (K, H, W) image."""
+    channels, height, width = image.shape
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    distance = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets])
+    nearness = torch.softmax(-((distance / distance.std() / sigma) ** 2), 0)
+
+    def at(values, i, j):  # replicate borders
+        return values[:, min(max(i, 0), height - 1), min(max(j, 0), width - 1)]
+
+    weights = torch.zeros(height, width, len(offsets))
+    for i in range(height):
+        for j in range(width):
+            around = torch.stack([at(image, i + dy, j + dx) for dy, dx in offsets])  # (N, K)
+            spread = around.std(0) + 1e-8
+            logits = -(((around - image[:, i, j]).abs() / (spread * sigma)) ** 2).mean(1)
+            w = torch.softmax(logits, 0) + position_weight * nearness
+            weights[i, j] = w / w.sum()
+    for _ in range(iterations):
+        new = torch.zeros_like(maps)
+        for i in range(height):
+            for j in range(width):
+                around = torch.stack([at(maps, i + dy, j + dx) for dy, dx in offsets], 1)  # (C, N)
+                new[:, i, j] = around @ weights[i, j]
+        maps = new
+    return maps
+
+
+def test_map_refinement_against_explicit_computation():
+    torch.manual_seed(0)
+    config = tiny_config(attention_map_refinement_iterations=2, attention_map_refinement_dilations=[1, 3])
+    refinement = ClsMaskMapRefinement(config)
+    image = torch.randn(1, 2, 9, 7)
+    maps = torch.rand(1, 3, 9, 7)
+    expected = explicit_refinement(maps[0], image[0], 2, [1, 3], config.attention_map_refinement_sigma)
+    torch.testing.assert_close(refinement(maps, image)[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_map_refinement_keeps_mass_inside_regions():
+    # Left half dark, right half bright (with texture); a map lit on one left pixel spreads over the left half and
+    # hardly crosses the edge; a constant map stays constant (the weights sum to one).
+    torch.manual_seed(0)
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., 8:] = 4.0
+    image = image + 0.1 * torch.randn_like(image)
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, 8, 3] = 1.0
+    refinement = ClsMaskMapRefinement(tiny_config(attention_map_refinement_iterations=10))
+    refined = refinement(maps, image)[0, 0]
+    assert refined[:, :8].sum() > 50 * refined[:, 8:].sum()
+    assert (refined[:, :8] > 0).float().mean() > 0.9  # reached most of its region
+    torch.testing.assert_close(refinement(torch.full((1, 2, 16, 16), 0.25), image), torch.full((1, 2, 16, 16), 0.25))
+
+
+def test_refined_maps_in_the_model():
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    plain = ClsMaskForMultiLabelClassification(tiny_config()).eval()
+    model = ClsMaskForSemanticSegmentation(
+        tiny_config(attention_map_refinement_iterations=3, attention_map_scales=[1.0, 2.0])
+    )
+    model.load_state_dict(plain.state_dict())
+    model.eval()
+    out = model(pixels)
+    # Averaged over the scales first, then refined at the input's resolution; logits on the same grid.
+    augmented = model.augmented_class_maps(pixels, one_pass_maps(model, pixels))
+    torch.testing.assert_close(out.class_maps, model.map_refinement(augmented, pixels))
+    assert out.class_maps.shape == out.logits.shape[:1] + (3, 32, 32)
+    assert one_pass_maps(model, pixels).shape == (2, 3, 4, 4)  # augment_maps=False: the raw maps
+    model.train()
+    assert model(pixels).class_maps.shape == (2, 3, 4, 4)  # training never refines
+    model.eval()
+    bf16 = model.to(torch.bfloat16)(pixels.to(torch.bfloat16)).class_maps  # refined in float32
+    assert bf16.shape == (2, 3, 32, 32) and bool(bf16.isfinite().all())
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("attention_map_refinement_iterations", -1),
+        ("attention_map_refinement_iterations", 1.5),
+        ("attention_map_refinement_dilations", []),
+        ("attention_map_refinement_dilations", [0, 2]),
+        ("attention_map_refinement_sigma", 0.0),
+    ],
+)
+def test_refinement_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**{field: value})

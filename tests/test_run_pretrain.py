@@ -47,12 +47,13 @@ def test_builtin_end_to_end(tmp_path, capsys):
         saved["class_assignment_accuracy"] - saved["class_assignment_chance"]
     )
     config = json.loads((out / "config.json").read_text())
-    assert config["background_threshold"] == 0.2 and config["use_head_gates"]
+    assert config["background_threshold"] == run_pretrain.REFINED_BACKGROUND and config["use_head_gates"]
     # From scratch: conv stem, fan-in init, shared readout, maps from block 0, no token masking.
     assert config["patch_embedding_type"] == "conv" and config["conv_stem_depth"] == 2
     assert config["classifier_type"] == "shared" and config["weight_init"] == "fan_in"
     assert config["attention_map_layer_ids"] == [0] and config["token_mask_rate"] == 0.0
     assert config["attention_map_scales"] == [0.75, 1.0, 1.5, 2.0] and config["attention_map_flip"]
+    assert config["attention_map_refinement_iterations"] == run_pretrain.REFINEMENT_ITERATIONS > 0
     assert saved["test_num_images"] == 16 and "test_pseudo_mask_mean_iou" in saved
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers"
@@ -350,6 +351,12 @@ def test_recipes_are_valid_and_voc_recipe_runs(tmp_path):
     paper_args = run_pretrain.parse_args(["--recipe", "paper", *TINY, "--attention_map_layers", "2"])
     paper = run_pretrain.build_model(paper_args, ["a", "b"], None)
     assert paper.config.attention_map_scales == [1.0] and not paper.config.attention_map_flip
+    assert paper.config.attention_map_refinement_iterations == 0
+    # With a background class, 'auto' follows the maps: refined maps take the higher threshold.
+    raw = run_pretrain.build_model(paper_args, ["bg", "a"], 0).config
+    assert raw.background_threshold == run_pretrain.RAW_BACKGROUND
+    scratch = run_pretrain.build_model(run_pretrain.parse_args(TINY), ["bg", "a"], 0).config
+    assert scratch.background_threshold == run_pretrain.REFINED_BACKGROUND
 
 
 def make_splits(path, train: list[dict], validation: list[dict], features: datasets.Features):
@@ -438,3 +445,18 @@ def test_string_labels_and_missing_images(tmp_path):
         assert info["class_names"] == ["cat", "dog"]
         assert info["skipped_undecodable"] == {"train": 1}
         assert info["splits"] == {"train": 6, "validation": 3}
+
+
+def test_map_defaults_with_pretrained_weights(tmp_path):
+    # From ViT/DeiT weights the maps stay the paper's: one pass, no refinement, the raw maps' background threshold.
+    from transformers import ViTConfig, ViTModel
+
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8))  # fmt: skip
+    vit.save_pretrained(tmp_path / "vit")
+    args = run_pretrain.parse_args(["--init_from", str(tmp_path / "vit"), "--image_size", "32", "--patch_size", "8",
+                                    "--attention_map_layers", "2"])  # fmt: skip
+    config = run_pretrain.build_model(args, ["background", "a"], 0).config
+    assert config.attention_map_scales == [1.0] and not config.attention_map_flip
+    assert config.attention_map_refinement_iterations == 0
+    assert config.background_threshold == run_pretrain.RAW_BACKGROUND
