@@ -16,6 +16,10 @@ on it). Variants:
 Prints, per generator and variant, mean and spread (min-max) over seeds of pseudo-mask mIoU, class assignment with
 that split's chance level, mAP and the share of closed heads; every run's metrics go to `results.json`, which is
 updated after each run (re-running skips the runs already there).
+
+`--rescore` trains nothing: it re-scores the runs saved in `--output_dir` with the map settings this code gives each
+variant (test-time scales and flips, refinement, background threshold). Those settings act only at inference and
+training is deterministic, so the figures are those a re-run would print (mAP is unchanged).
 """
 
 from __future__ import annotations
@@ -48,6 +52,42 @@ METRICS = (
 )
 
 
+# Config fields that act only at inference: what `--rescore` takes from the current defaults.
+MAP_FIELDS = (
+    "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
+    "attention_map_refinement_dilations", "attention_map_refinement_sigma", "background_threshold",
+)  # fmt: skip
+
+
+def rescore(folder: str, variant: str) -> dict:
+    """Test-split metrics of a saved run with the map settings the current code gives its variant."""
+    import torch
+    from accelerate import Accelerator
+
+    from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor
+    from modeling_clsmask.training.arguments import DataArguments
+    from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data
+
+    with open(os.path.join(folder, "clsmask_run.json")) as handle:
+        saved = json.load(handle)["args"]
+    args = run_pretrain.parse_args(VARIANTS[variant])
+    for name, value in saved.items():
+        if name not in MAP_FIELDS and hasattr(args, name) and not name.startswith("attention_map_"):
+            setattr(args, name, value)
+    spec = load_data(DataArguments.from_namespace(args))
+    current = run_pretrain.build_model(args, spec.class_names, spec.background_label_id).config
+    model = ClsMaskForMultiLabelClassification.from_pretrained(
+        folder, **{name: getattr(current, name) for name in MAP_FIELDS}
+    ).eval()
+    processor = ClsMaskImageProcessor.from_pretrained(folder)
+    encoder = ExampleEncoder(spec, model.config.num_channels, model.config.image_grid_size,
+                             processor.image_mean, processor.image_std)  # fmt: skip
+    loader = eval_dataloader(spec.dataset[args.test_split], encoder, args.per_device_eval_batch_size)
+    with torch.no_grad():
+        metrics, _ = run_pretrain.evaluate(model, loader, Accelerator(), model.config, spec.class_names, processor)
+    return {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
 def spread(values: list[float]) -> str:
     if not values:
         return "-"
@@ -70,6 +110,9 @@ def main(argv=None):
         help="Variants run with the first seed only (to fit the time budget).",
     )
     parser.add_argument("--output_dir", default="outputs/bench_token_masking")
+    parser.add_argument(
+        "--rescore", action="store_true", help="Re-score the saved runs with the current map settings; no training."
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More run_pretrain.py arguments.")
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -80,9 +123,15 @@ def main(argv=None):
             seeds = args.seeds[:1] if variant in args.single_seed_variants else args.seeds
             for seed in seeds:
                 key = f"{generator}/{variant}/{seed}"
+                folder = os.path.join(args.output_dir, generator, variant, f"seed{seed}")
+                if args.rescore:
+                    if key in results:
+                        results[key].update(rescore(folder, variant), rescored=True)
+                        with open(results_path, "w") as handle:
+                            json.dump(results, handle, indent=2)
+                    continue
                 if key in results:
                     continue
-                folder = os.path.join(args.output_dir, generator, variant, f"seed{seed}")
                 metrics = run_pretrain.main(
                     [
                         "--synthetic_generator", generator,

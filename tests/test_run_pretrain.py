@@ -460,3 +460,21 @@ def test_map_defaults_with_pretrained_weights(tmp_path):
     assert config.attention_map_scales == [1.0] and not config.attention_map_flip
     assert config.attention_map_refinement_iterations == 0
     assert config.background_threshold == run_pretrain.RAW_BACKGROUND
+
+
+def test_ablation_benchmark_rescore_reproduces_its_runs(tmp_path):
+    # --rescore rebuilds each variant's map settings from the current defaults (refined maps for `shipped`, one raw
+    # pass for `paper`); on runs trained by this code it must give back the figures they printed.
+    sys.path.insert(0, os.path.join(os.path.dirname(run_pretrain.__file__), "benchmarks"))
+    import bench_token_masking
+
+    common = ["--seeds", "0", "--generators", "glyphs", "--variants", "shipped", "paper", "--epochs", "1",
+              "--train_size", "16", "--output_dir", str(tmp_path)]  # fmt: skip
+    extra = ["--extra", *TINY, "--attention_map_layers", "2", "--validation_size", "16",
+             "--synthetic_image_size", "32", "--num_visualizations", "0"]  # fmt: skip
+    trained = json.loads(json.dumps(bench_token_masking.main([*common, *extra])))
+    rescored = bench_token_masking.main([*common, "--rescore", *extra])
+    for key in ("glyphs/shipped/0", "glyphs/paper/0"):
+        assert rescored[key]["rescored"]
+        for metric in ("test_pseudo_mask_mean_iou", "test_class_assignment_accuracy", "test_mAP"):
+            assert rescored[key][metric] == pytest.approx(trained[key][metric], abs=1e-6), (key, metric)

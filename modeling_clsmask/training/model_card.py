@@ -26,14 +26,14 @@ PAPER = "arXiv:2507.06848"
 CARD_HYPERPARAMETERS = (
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_train_steps", "optimizer", "weight_decay", "lr_scheduler_type", "warmup_ratio", "seed", "init_from",
-    "model_name_or_path", "scales", "flip", "pseudo_label_source",
+    "model_name_or_path", "scales", "flip", "refinement_iterations", "pseudo_label_source",
 )  # fmt: skip
 CONFIG_FIELDS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "patch_embedding_type", "conv_stem_depth", "classifier_type", "weight_init", "num_register_tokens",
     "token_mask_rate", "use_head_gates", "l0_penalty", "attention_map_layers", "attention_map_layer_ids",
-    "attention_map_scales", "attention_map_flip", "class_token_layers", "class_token_isolation",
-    "background_threshold",
+    "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
+    "attention_map_refinement_sigma", "class_token_layers", "class_token_isolation", "background_threshold",
 )  # fmt: skip
 
 
