@@ -71,8 +71,9 @@ def rescore(folder: str, variant: str) -> dict:
     with open(os.path.join(folder, "clsmask_run.json")) as handle:
         saved = json.load(handle)["args"]
     args = run_pretrain.parse_args(VARIANTS[variant])
+    # The run's own arguments, except the inference-only ones (their command-line names are the config's).
     for name, value in saved.items():
-        if name not in MAP_FIELDS and hasattr(args, name) and not name.startswith("attention_map_"):
+        if name not in MAP_FIELDS and hasattr(args, name):
             setattr(args, name, value)
     spec = load_data(DataArguments.from_namespace(args))
     current = run_pretrain.build_model(args, spec.class_names, spec.background_label_id).config
