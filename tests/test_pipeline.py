@@ -78,8 +78,10 @@ def test_pictures():
 
 
 def test_fresh_process_pipelines(tmp_path):
-    # With test-time scales and flips: the remote-code copy of the model must make the augmented maps itself.
-    model, processor = biased_model(attention_map_scales=[1.0, 2.0], attention_map_flip=True)
+    # With test-time scales, flips and refinement: the remote-code copy of the model must make those maps itself.
+    model, processor = biased_model(
+        attention_map_scales=[1.0, 2.0], attention_map_flip=True, attention_map_refinement_iterations=2
+    )
     folder = tmp_path / "ckpt"
     ClsMaskForMultiLabelClassification.save_pretrained(model, folder)
     processor.save_pretrained(folder)
@@ -94,6 +96,7 @@ def test_fresh_process_pipelines(tmp_path):
         seg = pipeline("image-segmentation", model="ckpt", trust_remote_code=True)
         assert type(seg).__name__ == "ClsMaskSegmentationPipeline", type(seg)
         assert seg.model.config.attention_map_scales == [1.0, 2.0] and seg.model.config.attention_map_flip
+        assert seg.model.config.attention_map_refinement_iterations == 2
         result = seg("img.png")
         assert {r["label"] for r in result} <= {"cat", "car"}, result
         assert all(r["mask"].size == (67, 41) for r in result)
