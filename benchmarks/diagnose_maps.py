@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     bg_id = config.background_label_id
     foreground = [i for i in range(num_labels) if background is None or i != bg_id]
     # Variants: (layer, None) = heads averaged as the model does, one pass; (layer, h) = head h alone; ("sum", None) =
-    # the checkpoint's own maps (its layers, test-time scales and flips).
+    # the checkpoint's own maps (its layers, test-time scales and flips, refinement).
     variants = [(layer, head) for layer in layers for head in (None, *range(num_heads))] + [("sum", None)]
     confusion = {v: 0 for v in variants}
     assign = {v: [] for v in variants}
@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
             one_hot[:, num_labels] += one_hot[:, bg_id]
             one_hot[:, bg_id] = 0
         patch_share = F.adaptive_avg_pool2d(one_hot, grid).flatten(2)  # (B, K, N)
-        configured = model(pixels)  # the checkpoint's own maps (with its test-time scales and flips) and probabilities
+        configured = model(pixels)  # the checkpoint's own maps (scales, flips, refinement) and probabilities
         probs = configured.class_probs
         all_labels.append(labels)
         layer_maps = {}
@@ -186,7 +186,9 @@ def main(argv=None) -> dict:
         )
     flips = " and flips" if config.attention_map_flip else ""
     scales = config.attention_map_scales
-    print(f"(checkpoint's maps: blocks {base.class_attention_layers()}, input scales {scales}{flips})")
+    rounds = config.attention_map_refinement_iterations
+    refined = f", refined with the image ({rounds} rounds)" if rounds else ""
+    print(f"(checkpoint's maps: blocks {base.class_attention_layers()}, input scales {scales}{flips}{refined})")
     print("\nattention of each present class token (share of its row, heads averaged):")
     print(f"{'layer':<8}" + "".join(f"{key:>20}" for key in MASS_KEYS))
     present = torch.cat(all_labels).bool()
