@@ -189,6 +189,7 @@ def main(argv=None) -> dict:
     rounds = config.attention_map_refinement_iterations
     refined = f", refined with the image ({rounds} rounds)" if rounds else ""
     print(f"(checkpoint's maps: blocks {base.class_attention_layers()}, input scales {scales}{flips}{refined})")
+    print(f"(layer and head rows: one raw pass each, masks at the checkpoint's background threshold {background})")
     print("\nattention of each present class token (share of its row, heads averaged):")
     print(f"{'layer':<8}" + "".join(f"{key:>20}" for key in MASS_KEYS))
     present = torch.cat(all_labels).bool()
