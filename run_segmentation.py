@@ -12,7 +12,8 @@
    with the checkpoint's test-time scales, flips and refinement (`attention_map_scales` / `attention_map_flip` /
    `attention_map_refinement_iterations`, overridable with `--scales` / `--flip` / `--refinement_iterations`);
    saved as a `datasets` dataset (image + pseudo_mask) with `save_to_disk` (and `--push_pseudo_masks_to_hub`).
-2. A SegFormer (small config from scratch, or `--seg_model_name_or_path`) trained on them with Accelerate and
+2. A segmentation model (a small UperNet-ResNet from scratch, `--seg_architecture segformer`, or
+   `--seg_model_name_or_path`) trained on them with Accelerate and
    evaluated (mIoU, per class) on the validation split's real masks; `--fully_supervised_baseline` trains the same
    recipe on the real masks, on the same images, for a weak/full ratio. Both models checkpoint and resume.
 
@@ -38,9 +39,12 @@ from tqdm.auto import tqdm
 from transformers import (
     AutoImageProcessor,
     AutoModelForSemanticSegmentation,
+    ResNetConfig,
     SegformerConfig,
     SegformerForSemanticSegmentation,
     SegformerImageProcessorPil,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
 )
 
 from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor, masks_from_class_maps
@@ -125,7 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg = parser.add_argument_group("segmentation model")
     seg.add_argument(
         "--seg_model_name_or_path",
-        help="Any AutoModelForSemanticSegmentation checkpoint (default: a small SegFormer).",
+        help="Any AutoModelForSemanticSegmentation checkpoint (default: a small model from scratch, see "
+        "--seg_architecture).",
+    )
+    seg.add_argument(
+        "--seg_architecture",
+        choices=["upernet", "segformer"],
+        default="upernet",
+        help="The model trained from scratch without --seg_model_name_or_path: 'upernet' (UperNet on a small "
+        "basic-block ResNet; fully supervised 0.67 vs 0.26 mIoU for the SegFormer on 3000 random-colour images, "
+        "measured) or 'segformer' (the small SegFormer of earlier versions).",
     )
     seg.add_argument("--seg_image_size", type=int, help="Default: the stage-1 image size.")
     seg.add_argument(
@@ -231,6 +244,29 @@ def build_segmenter(args, class_names: list[str], image_size: int, num_channels:
         return AutoModelForSemanticSegmentation.from_pretrained(
             args.seg_model_name_or_path, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
         )
+    if args.seg_architecture == "upernet":
+        # A 4-stage ResNet of basic blocks (widths 32-256, one block each) under UperNet's pyramid-pooling and FPN
+        # head: convolutional features learn shapes from a few thousand images where the small SegFormer learned
+        # little beyond background (README, Stage 2), at about the same cost per step on a CPU.
+        backbone = ResNetConfig(
+            num_channels=num_channels,
+            embedding_size=32,
+            hidden_sizes=[32, 64, 128, 256],
+            depths=[1, 1, 1, 1],
+            layer_type="basic",
+            downsample_in_first_stage=False,
+            out_features=["stage1", "stage2", "stage3", "stage4"],
+        )
+        config = UperNetConfig(
+            backbone_config=backbone,
+            hidden_size=64,
+            use_auxiliary_head=False,
+            num_labels=len(class_names),
+            id2label=id2label,
+            label2id=label2id,
+            loss_ignore_index=IGNORE_INDEX,
+        )
+        return UperNetForSemanticSegmentation(config)
     config = SegformerConfig(
         num_channels=num_channels,
         hidden_sizes=[32, 64, 128, 160],  # a small SegFormer that trains in minutes on a CPU

@@ -73,7 +73,23 @@ def test_end_to_end_with_tta_and_baseline(stage1, tmp_path):
     from transformers import AutoModelForSemanticSegmentation
 
     model = AutoModelForSemanticSegmentation.from_pretrained(out)
-    assert type(model).__name__ == "SegformerForSemanticSegmentation"
+    assert type(model).__name__ == "UperNetForSemanticSegmentation"  # the default stage-2 model
+
+
+def test_segmentation_architectures():
+    # Both from-scratch choices take the data's band count and classes, and ignore 255 in their loss.
+    classes = ["background", "a", "b"]
+    for architecture, name in (("upernet", "UperNetForSemanticSegmentation"),
+                               ("segformer", "SegformerForSemanticSegmentation")):  # fmt: skip
+        args = run_segmentation.parse_args(["--model_name_or_path", "x", "--seg_architecture", architecture])
+        model = run_segmentation.build_segmenter(args, classes, 32, 4)
+        assert type(model).__name__ == name
+        pixels, masks = torch.randn(2, 4, 32, 32), torch.full((2, 32, 32), 255)
+        masks[:, :4] = 1
+        out = model(pixel_values=pixels, labels=masks)
+        assert out.logits.shape[:2] == (2, 3) and torch.isfinite(out.loss)
+    with pytest.raises(SystemExit):
+        run_segmentation.parse_args(["--model_name_or_path", "x", "--seg_architecture", "nope"])
 
 
 def test_class_mismatch_is_reported(stage1, tmp_path):
