@@ -48,7 +48,7 @@ from transformers import (
 )
 
 from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor, masks_from_class_maps
-from modeling_clsmask.configuration_clsmask import check_attention_map_scales
+from modeling_clsmask.configuration_clsmask import check_attention_map_scales, check_refinement_iterations
 from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
 from modeling_clsmask.training.arguments import (
     DataArguments,
@@ -157,13 +157,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_arguments(parser, args)
     if args.push_pseudo_masks_to_hub and not args.pseudo_masks_repo_id:
         parser.error("--push_pseudo_masks_to_hub needs --pseudo_masks_repo_id.")
-    if args.refinement_iterations is not None and args.refinement_iterations < 0:
-        parser.error(f"--refinement_iterations must be >= 0, got {args.refinement_iterations}.")
-    if args.scales is not None:
-        try:
-            check_attention_map_scales(args.scales)
-        except ValueError as error:
-            parser.error(f"--scales: {error}")
+    # The config's own checks, so the command line and the config accept the same values.
+    for flag, value, check in (
+        ("--scales", args.scales, check_attention_map_scales),
+        ("--refinement_iterations", args.refinement_iterations, check_refinement_iterations),
+    ):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as error:
+                parser.error(f"{flag}: {error}")
     return args
 
 

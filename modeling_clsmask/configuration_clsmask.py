@@ -15,10 +15,15 @@ def check_attention_map_scales(scales) -> list[float]:
     return scales
 
 
-def check_refinement(iterations, dilations, sigma) -> None:
-    """A ValueError naming the field when the map refinement's settings cannot work."""
+def check_refinement_iterations(iterations) -> None:
+    """A ValueError naming the field unless `iterations` is an integer >= 0 (0 = no refinement)."""
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"attention_map_refinement_iterations must be an integer >= 0, got {iterations!r}.")
+
+
+def check_refinement(iterations, dilations, sigma) -> None:
+    """A ValueError naming the field when the map refinement's settings cannot work."""
+    check_refinement_iterations(iterations)
     if not dilations or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations):
         raise ValueError(
             f"attention_map_refinement_dilations must be a non-empty list of integers >= 1, got {dilations!r}."

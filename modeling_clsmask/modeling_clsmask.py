@@ -459,12 +459,11 @@ class ClsMaskMapRefinement(nn.Module):
     def affinity(self, image: torch.Tensor, offsets: list[tuple[int, int]], reach: int) -> torch.Tensor:
         """(B, N, H, W) weights of the N neighbours of every pixel; they sum to one over N."""
         count = len(offsets)
-        mean = sum(self.neighbours(image, offsets, reach)) / count
-        spread = (sum((n - mean) ** 2 for n in self.neighbours(image, offsets, reach)) / max(count - 1, 1)).sqrt()
+        around = list(self.neighbours(image, offsets, reach))  # views of one padded copy
+        mean = sum(around) / count
+        spread = (sum((n - mean) ** 2 for n in around) / max(count - 1, 1)).sqrt()
         scale = (spread + 1e-8) * self.config.attention_map_refinement_sigma
-        logits = torch.stack(
-            [-(((n - image).abs() / scale) ** 2).mean(1) for n in self.neighbours(image, offsets, reach)], dim=1
-        )
+        logits = torch.stack([-(((n - image).abs() / scale) ** 2).mean(1) for n in around], dim=1)
         distance = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], device=image.device)
         nearness = -((distance / distance.std().clamp_min(1e-8) / self.config.attention_map_refinement_sigma) ** 2)
         weights = logits.softmax(1) + self.POSITION_WEIGHT * nearness.softmax(0).view(1, count, 1, 1)
