@@ -15,6 +15,7 @@ Follows the layout of transformers' `*_no_trainer.py` examples: argparse, `Accel
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 
@@ -41,6 +42,7 @@ from modeling_clsmask.training.arguments import (
     optional_fraction,
     tracked_arguments,
 )
+from modeling_clsmask.training.baselines import frozen_baselines
 from modeling_clsmask.training.data import (
     ExampleEncoder,
     augment_batch,
@@ -65,6 +67,14 @@ from modeling_clsmask.training.outputs import (
     load_pretrained,
     mark_run_finished,
     push_folder,
+    release_output_dir,
+)
+from modeling_clsmask.training.presets import (
+    PRESETS,
+    RAW_BACKGROUND,
+    REFINED_BACKGROUND,
+    apply_preset,
+    describe_preset,
 )
 from modeling_clsmask.training.visualization import attention_panel, stack_rows, to_display_image
 
@@ -72,40 +82,36 @@ from modeling_clsmask.training.visualization import attention_panel, stack_rows,
 logger = get_logger(__name__)
 
 
-# Defaults from scratch, chosen on the validation splits of both generators (README, Results).
-REFINEMENT_ITERATIONS = 20
-REFINED_BACKGROUND = 0.5
-RAW_BACKGROUND = 0.2
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--init_from", help="A transformers ViT or DeiT checkpoint to initialise from.")
-    model.add_argument("--image_size", type=int, default=64, help="Input side in pixels (images are resized to it).")
-    model.add_argument("--patch_size", type=int, default=8, help="Patch side; the class maps have one value a patch.")
-    model.add_argument("--num_channels", type=int, default=3, help="Image bands (3 = RGB; e.g. 13 for Sentinel-2).")
-    model.add_argument("--hidden_size", type=int, default=128, help="Transformer width (from scratch).")
-    model.add_argument("--num_hidden_layers", type=int, default=4, help="Transformer depth (from scratch).")
-    model.add_argument("--num_attention_heads", type=int, default=4, help="Heads per block (from scratch).")
-    model.add_argument("--intermediate_size", type=int, default=256, help="MLP width (from scratch).")
-    model.add_argument("--num_register_tokens", type=int, default=1, help="[REG] tokens (paper: 1).")
-    model.add_argument(
-        "--token_mask_rate",
-        type=float,
-        default=0.0,
-        help="Class-specific token masking rate (paper: 0.5). Off by default: under the shared readout it slowed "
-        "learning and did not make maps more class-specific in our measurements (README, ablation).",
+    model = parser.add_argument_group(
+        "model (options marked 'preset' default to modeling_clsmask/training/presets.py)"
     )
+    model.add_argument(
+        "--init_from",
+        help="A pretrained backbone (folder or Hub id): ViT, DeiT, DINOv2 (with registers), CLIP. E.g. "
+        "facebook/dinov2-small, google/vit-base-patch16-224, openai/clip-vit-base-patch16.",
+    )
+    model.add_argument(
+        "--preset", choices=sorted(PRESETS), help="Defaults to use: 'pretrained' with --init_from, else 'scratch'."
+    )
+    model.add_argument("--image_size", type=int, help="Input side in pixels (preset).")
+    model.add_argument("--patch_size", type=int, help="Patch side (preset; the backbone's with --init_from).")
+    model.add_argument("--num_channels", type=int, help="Image bands (preset; new bands from RGB filters).")
+    model.add_argument("--hidden_size", type=int, help="Transformer width (preset / the backbone's).")
+    model.add_argument("--num_hidden_layers", type=int, help="Depth (preset / the backbone's first N blocks).")
+    model.add_argument("--num_attention_heads", type=int, help="Heads per block (preset / the backbone's).")
+    model.add_argument("--intermediate_size", type=int, help="MLP width (preset / the backbone's).")
+    model.add_argument("--num_register_tokens", type=int, help="[REG] tokens (preset; paper: 1).")
+    model.add_argument("--token_mask_rate", type=float, help="Class-specific token masking rate (preset; paper: 0.5).")
     model.add_argument(
         "--patch_embedding_type",
         choices=["conv", "patchify"],
-        default="conv",
-        help="conv: small convolutional stem (learns from scratch); patchify: ViT's patch projection (paper).",
+        help="conv: small convolutional stem (learns from scratch); patchify: ViT's patch projection (preset).",
     )
-    model.add_argument("--conv_stem_depth", type=int, default=2, help="3x3 convolutions per stem resolution.")
+    model.add_argument("--conv_stem_depth", type=int, help="3x3 convolutions per stem resolution (preset).")
     model.add_argument(
         "--classifier_type",
         choices=["shared", "flatten"],
@@ -115,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--weight_init",
         choices=["fan_in", "normal"],
-        default="fan_in",
-        help="fan_in: PyTorch's default init (trains from scratch); normal: ViT's std-0.02 init.",
+        help="fan_in: PyTorch's default init (trains from scratch); normal: ViT's std-0.02 init (preset).",
     )
     model.add_argument(
         "--class_token_isolation",
@@ -127,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--patch_dropout", type=float, default=0.0, help="Share of patch tokens dropped per image in training."
     )
     model.add_argument(
-        "--class_token_layers", type=int, help="Class tokens join only the last N blocks (default: all blocks)."
+        "--class_token_layers", type=int, help="Class tokens join only the last N blocks; 0 = all blocks (preset)."
+    )
+    model.add_argument(
+        "--freeze_layers",
+        type=int,
+        help="Freeze the patch embedding, positions and the first N blocks; -1 = the whole backbone (preset).",
     )
     model.add_argument(
         "--use_head_gates", action="store_true", help="Hard Concrete gates per head (sparse attention)."
@@ -135,34 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--gate_log_alpha_init", type=float, default=3.0, help="Initial gate log_alpha (3 = open).")
     model.add_argument("--l0_penalty", type=float, default=0.01, help="L0 penalty weight on the head gates.")
     model.add_argument(
-        "--attention_map_layers", type=int, help="Last layers summed into class maps (default: all of them)."
+        "--attention_map_layers", type=int, help="The last N blocks' class attention makes the maps (preset)."
     )
     model.add_argument(
         "--attention_map_layer_ids",
         type=int,
         nargs="+",
-        help="Block indices (0 = first) whose class attention makes the maps; overrides --attention_map_layers. "
-        "Default from scratch: 0 (the most class-specific block, measured); with --init_from: the last layers.",
+        help="Block indices (0 = first) whose class attention makes the maps, instead of --attention_map_layers.",
     )
     model.add_argument(
-        "--attention_map_scales",
-        type=float,
-        nargs="+",
-        help="Input scales whose class maps are averaged for pseudo-masks (test-time augmentation). Default from "
-        "scratch: 0.75 1 1.5 2 (validation pseudo-mask mIoU +0.10 / +0.02 on the two generators, measured); with "
-        "--init_from: 1 (the paper).",
+        "--attention_map_scales", type=float, nargs="+", help="Test-time input scales averaged into the maps (preset)."
     )
     model.add_argument(
         "--attention_map_flip",
         action=argparse.BooleanOptionalAction,
-        help="Also average the maps of flipped inputs. Default: on from scratch, off with --init_from.",
+        help="Also average the maps of flipped inputs (preset).",
     )
     model.add_argument(
         "--attention_map_refinement_iterations",
         type=int,
-        help="Iterations of the pixel-adaptive refinement of the maps with the input image (not in the paper). "
-        f"Default from scratch: {REFINEMENT_ITERATIONS} (validation pseudo-mask mIoU about +0.2 on both generators, "
-        "measured); with --init_from: 0 (off).",
+        help="Iterations of the pixel-adaptive refinement of the maps with the image; 0 = off (preset).",
     )
     model.add_argument(
         "--attention_map_refinement_sigma",
@@ -177,29 +179,54 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 2, 4, 8, 12, 24],
         help="Dilations (input pixels) of the refinement's neighbourhood.",
     )
+    model.add_argument(
+        "--mask_assembly",
+        choices=["threshold", "argmax"],
+        help="How maps become masks: the paper's above-mean painting by score, or the per-pixel argmax (preset).",
+    )
+    model.add_argument(
+        "--attention_map_affinity_power",
+        type=float,
+        help="Propagate the maps over patches of like features (cosine ** power); 0 = off (preset).",
+    )
     model.add_argument("--diversity_loss_coefficient", type=float, default=0.0, help="Public code's option: 0.1.")
     model.add_argument(
         "--background_threshold",
         type=optional_fraction,
         default=AUTO,
-        help="Normalised class score under which a pixel is background: 'auto' (for datasets with a background "
-        f"class {REFINED_BACKGROUND} with the map refinement, {RAW_BACKGROUND} without; none otherwise), 'none', or "
-        "a number in [0, 1].",
+        help="Normalised class score under which a pixel is background: 'auto' (where masks hold background pixels: "
+        f"{REFINED_BACKGROUND} with the map refinement, {RAW_BACKGROUND} without; else none), 'none', or a number.",
     )
-    model.add_argument("--image_mean", type=float, nargs="+", help="Per-band mean (default: ImageNet's for RGB).")
-    model.add_argument("--image_std", type=float, nargs="+", help="Per-band std (default: ImageNet's for RGB).")
+    model.add_argument(
+        "--image_mean", type=float, nargs="+", help="Per-band mean (default: the backbone's, or ImageNet's for RGB)."
+    )
+    model.add_argument("--image_std", type=float, nargs="+", help="Per-band std (default: as --image_mean).")
     model.add_argument(
         "--test_split", default="test", help="Held-out split evaluated once after training (skipped when absent)."
     )
+    model.add_argument(
+        "--baseline_train_samples",
+        type=int,
+        default=2000,
+        help="With --init_from and masks: training images for the frozen-backbone baselines printed beside the "
+        "results (CAM, linear probe); 0 = skip them.",
+    )
+    model.add_argument(
+        "--new_parameter_lr_multiplier",
+        type=float,
+        help="Learning-rate factor for parameters the backbone does not have (class tokens, readout) (preset).",
+    )
 
     train = parser.add_argument_group("training")
-    add_training_arguments(train, batch_size=32, learning_rate=1e-3, weight_decay=0.05, epochs=20)
+    add_training_arguments(
+        train, batch_size=None, learning_rate=None, weight_decay=0.05, epochs=None, crop_scale_min=None
+    )
     train.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw", help="Optimizer.")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0: off).")
 
     add_output_arguments(parser, "outputs/pretrain")
     parser.add_argument(
-        "--eval_every_epochs", type=int, default=1, help="Evaluate on the validation split every N epochs."
+        "--eval_every_epochs", type=int, help="Evaluate on the validation split every N epochs (preset)."
     )
     parser.add_argument(
         "--recipe", help="A recipe name in recipes/ (voc, coco, dfc2020, endotect, ade20k) or a JSON path."
@@ -211,11 +238,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     apply_recipe(parser, argv)
     args = parser.parse_args(argv)
+    args.preset_applied = apply_preset(args)
     check_arguments(parser, args)
     return args
 
 
-RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+def recipes_folder() -> str:
+    """The recipes: installed with the package (`modeling_clsmask.training.recipes`), or in this checkout."""
+    try:
+        spec = importlib.util.find_spec("modeling_clsmask.training.recipes")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")  # a checkout without an install
+
+
+RECIPES = recipes_folder()
 
 
 def apply_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
@@ -236,59 +275,87 @@ def apply_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> Non
     parser.set_defaults(**recipe.get("args", {}))
 
 
-# Command-line options passed to ClsMaskConfig under the same name (the architecture ones only from scratch).
+# Command-line options passed to ClsMaskConfig under the same name (the architecture ones: see build_model).
 CONFIG_FROM_ARGS = (
     "num_register_tokens", "token_mask_rate", "use_head_gates", "l0_penalty", "diversity_loss_coefficient",
-    "classifier_type", "weight_init", "class_token_isolation", "patch_dropout", "class_token_layers",
-    "gate_log_alpha_init",
+    "classifier_type", "class_token_isolation", "patch_dropout", "gate_log_alpha_init", "attention_map_layer_ids",
+    "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
+    "attention_map_refinement_sigma", "attention_map_refinement_dilations", "mask_assembly",
+    "attention_map_affinity_power",
 )  # fmt: skip
 ARCHITECTURE_FROM_ARGS = (
     "patch_embedding_type", "conv_stem_depth", "image_size", "patch_size", "num_channels", "hidden_size",
-    "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "intermediate_size", "weight_init",
 )  # fmt: skip
 
 
-def build_model(args, class_names: list[str], background_label_id: int | None) -> ClsMaskForMultiLabelClassification:
-    """A model from scratch, or around a ViT/DeiT checkpoint (`--init_from`), configured from the arguments."""
+def build_model(
+    args, class_names: list[str], background_label_id: int | None, background_in_masks: bool = True
+) -> ClsMaskForMultiLabelClassification:
+    """A model from scratch, or around a pretrained backbone (`--init_from`), configured from the arguments.
+
+    `background_in_masks=False` (a background class that no mask contains): 'auto' leaves background off."""
     id2label = dict(enumerate(class_names))
-    # From scratch, maps refined with the image (measured on both generators' validation splits); pretrained ViTs
-    # keep the paper's raw maps.
-    refinement = args.attention_map_refinement_iterations
-    if refinement is None:
-        refinement = 0 if args.init_from else REFINEMENT_ITERATIONS
-    # 'auto' where the data has a background class: chosen on the validation splits of both generators (raw maps:
-    # 0.1-0.4 swept; refined maps: 0.2-0.7), never on a test split; else no background.
-    default_background = REFINED_BACKGROUND if refinement else RAW_BACKGROUND
-    background = resolve_threshold(
-        args.background_threshold, default_background if background_label_id is not None else None
-    )
+    default_background = REFINED_BACKGROUND if args.attention_map_refinement_iterations else RAW_BACKGROUND
+    has_background = background_label_id is not None and background_in_masks
+    background = resolve_threshold(args.background_threshold, default_background if has_background else None)
     fields = {name: getattr(args, name) for name in CONFIG_FROM_ARGS}
     fields.update(
-        attention_map_layers=args.attention_map_layers or args.class_token_layers or args.num_hidden_layers,
-        # From scratch, block 0's maps are the class-specific ones (measured); pretrained ViTs keep the last blocks.
-        attention_map_layer_ids=args.attention_map_layer_ids
-        or (None if args.init_from or args.attention_map_layers or args.class_token_layers else [0]),
+        class_token_layers=args.class_token_layers or None,
         background_threshold=background,
         background_label_id=background_label_id or 0,
-        # From scratch, maps averaged over scales and flips (measured on both generators' validation splits);
-        # pretrained ViTs keep the paper's single pass.
-        attention_map_scales=args.attention_map_scales or ([1.0] if args.init_from else [0.75, 1.0, 1.5, 2.0]),
-        attention_map_flip=not args.init_from if args.attention_map_flip is None else args.attention_map_flip,
-        attention_map_refinement_iterations=refinement,
-        attention_map_refinement_sigma=args.attention_map_refinement_sigma,
-        attention_map_refinement_dilations=args.attention_map_refinement_dilations,
     )
+    # Unless given (by the user or the preset): every block the class tokens take part in.
+    map_layers = args.attention_map_layers or args.class_token_layers or args.num_hidden_layers
+    if map_layers:
+        fields["attention_map_layers"] = map_layers
+    architecture = {name: getattr(args, name) for name in ARCHITECTURE_FROM_ARGS if getattr(args, name) is not None}
     if args.init_from:
-        return load_pretrained(
-            lambda path: ClsMaskForMultiLabelClassification.from_vit_pretrained(
-                path, id2label=id2label, image_size=args.image_size, **fields
+        architecture.pop("weight_init", None)  # pretrained weights overwrite every initialised tensor that matters
+        model = load_pretrained(
+            lambda path: ClsMaskForMultiLabelClassification.from_pretrained_backbone(
+                path, id2label=id2label, **architecture, **fields
             ),
             args.init_from,
             "--init_from",
         )
-    architecture = {name: getattr(args, name) for name in ARCHITECTURE_FROM_ARGS}
-    config = ClsMaskConfig(id2label=id2label, label2id={v: k for k, v in id2label.items()}, **architecture, **fields)
-    return ClsMaskForMultiLabelClassification(config)
+    else:
+        config = ClsMaskConfig(
+            id2label=id2label, label2id={v: k for k, v in id2label.items()}, **architecture, **fields
+        )
+        model = ClsMaskForMultiLabelClassification(config)
+    freeze_early_layers(model, args.freeze_layers or 0)
+    return model
+
+
+def normalisation(args, model) -> dict:
+    """`image_mean` / `image_std`: the command line's, else the backbone's (its preprocessor_config.json), else the
+    processor's defaults."""
+    mean, std = getattr(model, "backbone_normalisation", (None, None))
+    if model.config.num_channels != 3:
+        mean = std = None  # the backbone's RGB statistics do not describe other bands
+    chosen = {"image_mean": args.image_mean or mean, "image_std": args.image_std or std}
+    return {key: value for key, value in chosen.items() if value}
+
+
+def freeze_early_layers(model: ClsMaskForMultiLabelClassification, count: int) -> None:
+    """Freeze the patch embedding, the patch positions, the pre-encoder norm and the first `count` blocks (all of
+    them: the final norm too): a small labelled set then cannot wash out the pretrained features, and their backward
+    pass is skipped."""
+    base = model.clsmask
+    count = len(base.layers) if count == -1 else count
+    if count == 0:
+        return
+    if not 0 < count <= len(base.layers):
+        raise ValueError(f"--freeze_layers {count}: the model has {len(base.layers)} blocks (-1 freezes all).")
+    frozen = [base.embeddings.patch_embeddings, *base.layers[:count]]
+    if base.pre_layernorm is not None:
+        frozen.append(base.pre_layernorm)
+    if count == len(base.layers):
+        frozen.append(base.layernorm)  # the whole backbone: only the class tokens and the readout learn
+    for module in frozen:
+        module.requires_grad_(False)
+    base.embeddings.position_embeddings.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -312,11 +379,14 @@ def evaluate(
             masks = batch["mask"]
             size = tuple(masks.shape[-2:])
             bg = config.background_label_id
+            assembly = config.mask_assembly
             from_labels = masks_from_class_maps(
-                outputs.class_maps, probs, batch["labels"].bool(), size, background, bg
+                outputs.class_maps, probs, batch["labels"].bool(), size, background, bg, assembly=assembly
             )
             predicted = probs >= config.class_threshold
-            from_predictions = masks_from_class_maps(outputs.class_maps, probs, predicted, size, background, bg)
+            from_predictions = masks_from_class_maps(
+                outputs.class_maps, probs, predicted, size, background, bg, assembly=assembly
+            )
             # Trivial baseline: every pixel takes the image's first (lowest-id) foreground label.
             first = (batch["labels"][:, foreground] > 0).float().argmax(1)
             baseline = torch.tensor(foreground, device=masks.device)[first][:, None, None].expand_as(masks)
@@ -358,13 +428,31 @@ def evaluate(
 NO_DECAY = ("bias", "layernorm", "norm", "class_tokens", "position_embeddings", "register_tokens", "log_alpha")
 
 
+# Parameters a pretrained backbone does not provide (matched by name): they may learn faster than the backbone.
+NEW_PARAMETERS = ("class_tokens", "class_position_embeddings", "register_", "classifier", "log_alpha")
+
+
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW (or Adam) over the trainable parameters: no decay on NO_DECAY, `new_parameter_lr_multiplier` x the
+    learning rate on NEW_PARAMETERS."""
+    groups = {}
     for name, parameter in model.named_parameters():
-        (no_decay if any(key in name for key in NO_DECAY) else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not parameter.requires_grad:
+            continue
+        decay = not any(key in name for key in NO_DECAY)
+        new = any(key in name for key in NEW_PARAMETERS)
+        groups.setdefault((decay, new), []).append(parameter)
+    multiplier = args.new_parameter_lr_multiplier or 1.0
+    param_groups = [
+        {
+            "params": params,
+            "weight_decay": args.weight_decay if decay else 0.0,
+            "lr": args.learning_rate * (multiplier if new else 1.0),
+        }
+        for (decay, new), params in groups.items()
+    ]
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_cls(groups, lr=args.learning_rate)
+    return optimizer_cls(param_groups, lr=args.learning_rate)
 
 
 def print_results(metrics: dict, args) -> None:
@@ -383,6 +471,33 @@ def print_results(metrics: dict, args) -> None:
             f"class assignment: {m['class_assignment_accuracy']:.4f} (chance {m['class_assignment_chance']:.4f}, "
             f"margin {m['class_assignment_margin']:+.4f})"
         )
+        if "baseline_frozen_cam_mean_iou" in m:
+            print(
+                f"[{split}] frozen backbone, same data and metric: CAM {m['baseline_frozen_cam_mean_iou']:.4f} "
+                f"(mAP {m['baseline_frozen_cam_mAP']:.4f}) | label-only {m['baseline_label_only_mean_iou']:.4f} | "
+                f"fully supervised linear probe {m.get('baseline_linear_probe_mean_iou', float('nan')):.4f} | "
+                f"this model - CAM: {m['pseudo_mask_mean_iou'] - m['baseline_frozen_cam_mean_iou']:+.4f}"
+            )
+
+
+def backbone_baselines(args, spec, encoder, config, has_test: bool) -> dict:
+    """What the frozen `--init_from` backbone gives without the method, on the same splits and metric (label-only,
+    CAM of a linear head, fully supervised linear probe): `baseline_*` and `test_baseline_*` entries."""
+    logger.info(f"Baselines of the frozen backbone ({args.baseline_train_samples} training images) ...")
+    background = config.background_threshold
+    foreground = [i for i in range(len(spec.class_names)) if background is None or i != config.background_label_id]
+    train = eval_dataloader(
+        spec.dataset[args.train_split], encoder, args.per_device_eval_batch_size, args.baseline_train_samples
+    )
+    results = {}
+    splits = [("", args.validation_split)] + ([("test_", args.test_split)] if has_test else [])
+    for prefix, split in splits:
+        loader = eval_dataloader(
+            spec.dataset[split], encoder, args.per_device_eval_batch_size, None if prefix else args.max_eval_samples
+        )
+        figures = frozen_baselines(args.init_from, config.image_size, train, loader, len(spec.class_names), foreground)
+        results.update({f"{prefix}baseline_{key}": value for key, value in figures.items()})
+    return results
 
 
 def save_outputs(args, model, processor, metrics: dict, panels: list, spec, save_function=torch.save) -> None:
@@ -416,9 +531,16 @@ def main(argv: list[str] | None = None) -> dict:
         spec = load_data(DataArguments.from_namespace(args))
     has_test = args.test_split in spec.dataset and args.test_split != args.validation_split
     validate_splits(spec, [args.train_split, args.validation_split] + ([args.test_split] if has_test else []))
-    model = build_model(args, spec.class_names, spec.background_label_id)
-    norm = {k: v for k, v in (("image_mean", args.image_mean), ("image_std", args.image_std)) if v}
-    processor = ClsMaskImageProcessor.from_model_config(model.config, **norm)
+    logger.info(describe_preset(args.preset, args.preset_applied))
+    if spec.background_label_id is not None and not spec.background_in_masks:
+        background = spec.class_names[spec.background_label_id]
+        logger.warning(
+            f"Class {background!r} (id {spec.background_label_id}) is in no mask of any split: background is not "
+            + ("painted (pass --background_threshold to paint it anyway)." if args.background_threshold == AUTO else
+               f"painted at --background_threshold {args.background_threshold} although no mask has it.")
+        )  # fmt: skip
+    model = build_model(args, spec.class_names, spec.background_label_id, spec.background_in_masks)
+    processor = ClsMaskImageProcessor.from_model_config(model.config, **normalisation(args, model))
     encoder = ExampleEncoder(
         spec, model.config.num_channels, model.config.image_grid_size, processor.image_mean, processor.image_std
     )
@@ -475,7 +597,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_loop(
         accelerator, model, optimizer, train_loader, schedule, loss_fn, state=state,
-        checkpointing_steps=args.checkpointing_steps, checkpoint_root=checkpoint_root, output_dir=args.output_dir,
+        checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+        checkpoint_root=checkpoint_root, output_dir=args.output_dir,
         max_grad_norm=args.max_grad_norm, with_tracking=args.with_tracking, name="train", postfix=open_gates,
         on_epoch_end=on_epoch_end,
     )  # fmt: skip
@@ -487,6 +610,8 @@ def main(argv: list[str] | None = None) -> dict:
         test_metrics, _ = evaluate(model, test_loader, accelerator, unwrapped.config, spec.class_names, processor)
         metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
         logger.info(f"test: { {k: round(v, 4) for k, v in test_metrics.items() if isinstance(v, float)} }")
+    if args.init_from and spec.has_masks and args.baseline_train_samples and accelerator.is_main_process:
+        metrics.update(backbone_baselines(args, spec, encoder, unwrapped.config, has_test))
     if args.with_tracking:
         accelerator.end_training()
     accelerator.wait_for_everyone()
@@ -497,6 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.push_to_hub:
             push_folder(args.output_dir, args.hub_model_id, args.hub_token)
     accelerator.wait_for_everyone()
+    release_output_dir(args.output_dir)
     return metrics
 
 

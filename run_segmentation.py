@@ -48,6 +48,7 @@ from transformers import (
 )
 
 from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor, masks_from_class_maps
+from modeling_clsmask.backbones import normalisation
 from modeling_clsmask.configuration_clsmask import check_attention_map_scales, check_refinement_iterations
 from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
 from modeling_clsmask.training.arguments import (
@@ -79,6 +80,7 @@ from modeling_clsmask.training.outputs import (
     load_pretrained,
     mark_run_finished,
     push_folder,
+    release_output_dir,
 )
 from modeling_clsmask.training.visualization import colourise, stack_rows, titled_row, to_display_image
 
@@ -140,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         "basic-block ResNet; fully supervised 0.67 vs 0.26 mIoU for the SegFormer on 3000 random-colour images, "
         "measured) or 'segformer' (the small SegFormer of earlier versions).",
     )
+    seg.add_argument(
+        "--seg_backbone",
+        help="A pretrained backbone with an AutoBackbone class (e.g. facebook/dinov2-small, a folder): UperNet on "
+        "four of its blocks instead of the model from scratch; its normalisation is used.",
+    )
+    seg.add_argument(
+        "--seg_freeze_backbone",
+        action="store_true",
+        help="With --seg_backbone: train the UperNet head only (the backbone's forward runs without gradients).",
+    )
     seg.add_argument("--seg_image_size", type=int, help="Default: the stage-1 image size.")
     seg.add_argument(
         "--fully_supervised_baseline",
@@ -192,7 +204,9 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
             outputs = model(pixels, output_class_maps=True)
         class_maps, probs = outputs.class_maps.float(), outputs.logits.float().sigmoid()
         present = batch["labels"].bool().to(pixels.device) if source == "labels" else probs >= config.class_threshold
-        pseudo = masks_from_class_maps(class_maps, probs, present, size, background, config.background_label_id)
+        pseudo = masks_from_class_maps(
+            class_maps, probs, present, size, background, config.background_label_id, assembly=config.mask_assembly
+        )
         masks.append(pseudo.cpu())
         if "mask" in batch:
             confusion = confusion + confusion_matrices(pseudo.cpu(), batch["mask"], num_labels).sum(0)
@@ -247,6 +261,8 @@ def build_segmenter(args, class_names: list[str], image_size: int, num_channels:
         return AutoModelForSemanticSegmentation.from_pretrained(
             args.seg_model_name_or_path, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
         )
+    if args.seg_backbone:
+        return pretrained_upernet(args.seg_backbone, id2label, args.seg_freeze_backbone)
     if args.seg_architecture == "upernet":
         # A 4-stage ResNet of basic blocks (widths 32-256, one block each) under UperNet's pyramid-pooling and FPN
         # head: convolutional features learn shapes from a few thousand images where the small SegFormer learned
@@ -283,6 +299,32 @@ def build_segmenter(args, class_names: list[str], image_size: int, num_channels:
         image_size=image_size,
     )
     return SegformerForSemanticSegmentation(config)
+
+
+def pretrained_upernet(path: str, id2label: dict, freeze: bool = False) -> UperNetForSemanticSegmentation:
+    """UperNet on a pretrained `AutoBackbone` (DINOv2, ...): features of the blocks at 1/4, 1/2, 3/4 and all of the
+    depth, a 128-wide head; `freeze` leaves the backbone as it is."""
+    from transformers import AutoBackbone, AutoConfig
+
+    backbone_config = AutoConfig.from_pretrained(path)
+    depth = backbone_config.num_hidden_layers
+    indices = [depth // 4, depth // 2, 3 * depth // 4, depth]
+    if type(backbone_config) not in AutoBackbone._model_mapping:
+        raise ValueError(f"--seg_backbone {path}: a {backbone_config.model_type!r} model has no AutoBackbone class.")
+    backbone = AutoBackbone._model_mapping[type(backbone_config)].from_pretrained(path, out_indices=indices)
+    config = UperNetConfig(
+        backbone_config=backbone.config,
+        hidden_size=128,
+        use_auxiliary_head=False,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        loss_ignore_index=IGNORE_INDEX,
+    )
+    model = UperNetForSemanticSegmentation(config)
+    model.backbone.load_state_dict(backbone.state_dict())
+    model.backbone.requires_grad_(not freeze)
+    return model
 
 
 @torch.no_grad()
@@ -340,6 +382,9 @@ def segmentation_processor(args, image_size: int, num_channels: int):
         processor = SegformerImageProcessorPil(
             size={"height": image_size, "width": image_size}, do_reduce_labels=False
         )
+        if args.seg_backbone:
+            mean, std = normalisation(args.seg_backbone)
+            processor.image_mean, processor.image_std = mean or processor.image_mean, std or processor.image_std
     if num_channels != len(processor.image_mean):
         processor.image_mean, processor.image_std = [0.0] * num_channels, [1.0] * num_channels
         processor.do_rescale = False
@@ -367,7 +412,8 @@ def train_segmenter(
         args.per_device_eval_batch_size,
         args.max_eval_samples,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader, eval_loader, schedule = prepare_training(
         accelerator, args, model, optimizer, train_loader, eval_loader
     )
@@ -381,7 +427,8 @@ def train_segmenter(
 
     train_loop(
         accelerator, model, optimizer, train_loader, schedule, loss_fn, state=state,
-        checkpointing_steps=args.checkpointing_steps, checkpoint_root=checkpoint_root, output_dir=args.output_dir,
+        checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+        checkpoint_root=checkpoint_root, output_dir=args.output_dir,
         with_tracking=args.with_tracking, name=name,
     )  # fmt: skip
     metrics, panels = evaluate_segmenter(
@@ -518,6 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.output_dir, args.hub_model_id, args.hub_token, "Upload clsmask stage-2 segmentation model"
             )
     accelerator.wait_for_everyone()
+    release_output_dir(args.output_dir)
     return results
 
 

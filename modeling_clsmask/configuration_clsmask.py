@@ -93,6 +93,17 @@ class ClsMaskConfig(PreTrainedConfig):
         class_token_layers (`int`, *optional*): the class tokens join only the last `class_token_layers` blocks
             (as in CaiT's class attention): the blocks before run on patch and register tokens alone, so the class
             tokens read patches that already know their object. `None`: every block (the paper).
+        backbone_family (`str`, *optional*): the pretrained family the weights came from (`vit`, `deit`, `dinov2`,
+            `dinov2_with_registers`, `clip`); a record, the computation is set by the fields below.
+        pre_layernorm (`bool`): a layer norm on the token sequence before the first block (CLIP's vision tower).
+        mask_assembly (`str`): how class maps become a mask (`pseudo_masks.masks_from_class_maps`): `"threshold"`
+            (the paper: above-mean regions painted in score order, gaps filled by the nearest class) or `"argmax"`
+            (each pixel takes the present class with the highest normalised map).
+        attention_map_affinity_power (`float`): at inference, propagate each class map over patches of like
+            features, `m_i <- sum_j A_ij m_j` with `A_ij` proportional to `max(cos(p_i, p_j), 0) ** power` of the final
+            patch tokens (the patch affinity MCTformer and ToCo use to complete class-token maps). A pretrained
+            backbone's patch features group objects, so a class-token map that found part of an object spreads to
+            the rest of it. 0 (default): off.
         gate_log_alpha_init (`float`): initial Hard Concrete `log_alpha`: 3 starts every gate open and nearly
             deterministic, 0 (the public code) starts them stochastic so pruning shows in short runs.
     """
@@ -138,6 +149,10 @@ class ClsMaskConfig(PreTrainedConfig):
     patch_dropout: float = 0.0
     class_token_layers: int | None = None
     gate_log_alpha_init: float = 3.0
+    backbone_family: str | None = None
+    pre_layernorm: bool = False
+    mask_assembly: str = "threshold"
+    attention_map_affinity_power: float = 0.0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, (list, tuple)):
@@ -162,11 +177,14 @@ class ClsMaskConfig(PreTrainedConfig):
             ("patch_embedding_type", ("conv", "patchify")),
             ("classifier_type", ("shared", "flatten")),
             ("weight_init", ("fan_in", "normal")),
+            ("mask_assembly", ("threshold", "argmax")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.num_channels < 1:
             raise ValueError(f"num_channels must be at least 1, got {self.num_channels}.")
+        if not self.attention_map_affinity_power >= 0:
+            raise ValueError(f"attention_map_affinity_power must be >= 0, got {self.attention_map_affinity_power}.")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must lie in [0, 1), got {self.patch_dropout}.")
         if not 0.0 <= self.token_mask_rate <= 1.0:

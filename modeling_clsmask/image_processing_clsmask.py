@@ -7,8 +7,12 @@ import torch
 from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
+from transformers.utils import logging
 
 from .pseudo_masks import AUTO, masks_from_class_maps, resolve_threshold
+
+
+logger = logging.get_logger(__name__)
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -54,6 +58,40 @@ def to_8bit(image):
     raise ValueError(f"Unsupported image array dtype {image.dtype}.")
 
 
+def channels_first(array: np.ndarray, num_channels: int) -> np.ndarray:
+    """(C, H, W) view of an (H, W), (H, W, C) or (C, H, W) array with `num_channels` bands; a ValueError otherwise.
+
+    The layout is the one whose band axis has `num_channels` entries. When both ends do (e.g. 3 x 64 x 3),
+    channels-last is assumed, as numpy and Pillow write images, and a warning says so. When neither does, the error
+    names the band count the model expects, the one this input has, and the layout it was read in.
+    """
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(f"An image array must be H x W, H x W x C or C x H x W; got shape {tuple(array.shape)}.")
+    first, last = array.shape[0] == num_channels, array.shape[-1] == num_channels
+    if first and last:
+        logger.warning(
+            "Image array of shape %s: both its first and last axes could hold the %d bands; read as channels-last "
+            "(H x W x C). Pass a C x H x W array with input_data_format='channels_first' to read it the other way.",
+            tuple(array.shape),
+            num_channels,
+        )
+    if last:
+        return np.moveaxis(array, -1, 0)
+    if first:
+        return array
+    channels_last = array.shape[-1] <= array.shape[0]
+    bands = array.shape[-1] if channels_last else array.shape[0]
+    layout = "channels-last (H x W x C)" if channels_last else "channels-first (C x H x W)"
+    raise ValueError(
+        f"The model expects {num_channels} bands; this input has {bands} (array of shape {tuple(array.shape)}, read "
+        f"as {layout}). Select or convert its bands (e.g. to RGB), or use a model built for {bands} bands "
+        f"(num_channels={bands})."
+    )
+
+
 class ClsMaskImageProcessor(PilBackend):
     """ViT-style preprocessing that also accepts any number of bands (e.g. 13-band Sentinel-2 arrays).
 
@@ -70,10 +108,17 @@ class ClsMaskImageProcessor(PilBackend):
     do_normalize = True
     model_input_names = ["pixel_values"]
 
-    def __init__(self, background_threshold: float | None = None, background_label_id: int = 0, **kwargs):
+    def __init__(
+        self,
+        background_threshold: float | None = None,
+        background_label_id: int = 0,
+        mask_assembly: str = "threshold",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.background_threshold = background_threshold
         self.background_label_id = background_label_id
+        self.mask_assembly = mask_assembly
 
     @classmethod
     def from_model_config(cls, config, **kwargs) -> "ClsMaskImageProcessor":
@@ -88,6 +133,7 @@ class ClsMaskImageProcessor(PilBackend):
         return cls(
             background_threshold=config.background_threshold,
             background_label_id=config.background_label_id,
+            mask_assembly=config.mask_assembly,
             **defaults,
         )
 
@@ -96,17 +142,24 @@ class ClsMaskImageProcessor(PilBackend):
         from 8 bits) 16-bit and [0, 1] float images are scaled by their range, not clipped (see `to_8bit`)."""
         if self.do_rescale:
             image = to_8bit(image)
-        if isinstance(image, Image.Image) and image.mode != "RGB" and len(np.atleast_1d(self.image_mean)) == 3:
-            image = image.convert("RGB")  # grey, palette, RGBA inputs for an RGB model
-        if (
-            isinstance(image, np.ndarray)
-            and image.ndim == 3
-            and image.shape[-1] not in (1, 3, 4)
-            and input_data_format is None
-        ):
-            if image.shape[0] < image.shape[-1]:
-                return image
-            return np.moveaxis(image, -1, 0)
+        bands = len(np.atleast_1d(self.image_mean))
+        if isinstance(image, Image.Image):
+            if bands not in (1, 3):
+                raise ValueError(
+                    f"The model expects {bands} bands; this input is a {image.mode} image with "
+                    f"{len(image.getbands())}. Pass a {bands}-band array (H x W x C or C x H x W)."
+                )
+            if image.mode != "RGB" and bands == 3:
+                image = image.convert("RGB")  # grey, palette, RGBA inputs for an RGB model
+        elif isinstance(image, np.ndarray) and input_data_format is None:
+            rgb_like = bands == 3 and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] in (1, 3, 4)
+            if image.ndim == 2 and bands == 3:
+                rgb_like = image.dtype == np.uint8
+            if not rgb_like:
+                return channels_first(image, bands)  # a clear error when the band count is wrong
+            if image.ndim == 3 and image.shape[0] == image.shape[-1]:
+                channels_first(image, bands)  # both ends could be the bands: read channels-last, and say so
+                input_data_format = "channels_last"
         return super().process_image(
             image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs
         )
@@ -155,8 +208,9 @@ class ClsMaskImageProcessor(PilBackend):
         if sizes is None or len(set(sizes)) == 1:
             size = sizes[0] if sizes else tuple(class_maps.shape[-2:])
             masks = masks_from_class_maps(
-                class_maps, outputs.class_probs, outputs.present, size, background_threshold, background_label_id
-            )
+                class_maps, outputs.class_probs, outputs.present, size, background_threshold, background_label_id,
+                assembly=self.mask_assembly,
+            )  # fmt: skip
             return list(masks.unbind(0))
         return [
             masks_from_class_maps(
@@ -166,11 +220,12 @@ class ClsMaskImageProcessor(PilBackend):
                 sizes[i],
                 background_threshold,
                 background_label_id,
+                assembly=self.mask_assembly,
             )[0]
             for i in range(batch)
         ]
 
 
-__all__ = ["ClsMaskImageProcessor", "to_8bit"]
+__all__ = ["ClsMaskImageProcessor", "channels_first", "to_8bit"]
 
 ClsMaskImageProcessor.register_for_auto_class("AutoImageProcessor")

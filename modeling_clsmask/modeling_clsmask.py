@@ -23,6 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
+from .backbones import BackboneWeights, adapt_input_channels, read_backbone, resize_positions
 from .configuration_clsmask import ClsMaskConfig
 from .pseudo_masks import masks_from_class_maps, normalize_maps, working_size
 
@@ -201,14 +202,7 @@ class ClsMaskEmbeddings(nn.Module):
 
     def interpolate_pos_encoding(self, grid_height: int, grid_width: int) -> torch.Tensor:
         """Patch position embeddings for a (grid_height, grid_width) patch grid."""
-        if (grid_height, grid_width) == self.grid_size:
-            return self.position_embeddings
-        dim = self.position_embeddings.shape[-1]
-        grid = self.position_embeddings.reshape(1, *self.grid_size, dim).permute(0, 3, 1, 2)
-        grid = nn.functional.interpolate(
-            grid.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
-        ).to(self.position_embeddings.dtype)
-        return grid.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
+        return resize_positions(self.position_embeddings, self.grid_size, (grid_height, grid_width))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         batch = pixel_values.shape[0]
@@ -540,83 +534,112 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
     @classmethod
-    def from_vit_pretrained(
+    def from_pretrained_backbone(
         cls, pretrained_model_name_or_path: str, id2label: dict[int, str] | None = None, **overrides
     ) -> "ClsMaskPreTrainedModel":
-        """Initialise from any transformers ViT or DeiT checkpoint (a folder or a Hub id).
+        """Initialise from a pretrained ViT of any supported family (a folder or a Hub id): ViT, DeiT, DINOv2,
+        DINOv2 with registers, CLIP (vision tower or full model). See `backbones.py`.
 
-        Copies the patch embedding, every block, the final layer norm and the position embeddings; the [CLS] token
-        and its position embedding initialise every class and register token. `overrides` set other config
-        fields (e.g. `image_size`, `num_register_tokens`, `use_head_gates`); patch position embeddings are
-        interpolated when the patch grid changes.
+        Copies the patch embedding, every block, the final norm (and CLIP's pre-encoder norm); the [CLS] token and
+        its position embedding initialise every class token; the source's extra tokens (DeiT's distillation token,
+        DINOv2's registers) initialise the [REG] tokens, [CLS] the rest. `overrides` set other config fields:
+        `image_size` (positions interpolated), `num_channels` (new bands from the RGB filters),
+        `num_hidden_layers` (the first N blocks), `num_register_tokens`, gates, maps; fields that would need
+        weights the source does not have (`hidden_size`, `patch_size`, ...) are refused with a message.
         """
-        from transformers import AutoModel
-
-        source = AutoModel.from_pretrained(pretrained_model_name_or_path)
-        source_config = source.config
-        for name in ("embeddings", "layers", "layernorm"):
-            if not hasattr(source, name):
+        weights = read_backbone(pretrained_model_name_or_path)
+        fields = dict(weights.config)
+        fixed = ("hidden_size", "num_attention_heads", "intermediate_size", "patch_size", "hidden_act", "qkv_bias")
+        for name in fixed:
+            if name in overrides and overrides[name] is not None and overrides[name] != fields[name]:
                 raise ValueError(
-                    f"{pretrained_model_name_or_path} loads as {type(source).__name__}, which has no `{name}`; "
-                    "from_vit_pretrained expects a ViT or DeiT checkpoint."
+                    f"{name}={overrides[name]!r} cannot be used with the pretrained {weights.family} backbone "
+                    f"{pretrained_model_name_or_path}, whose {name} is {fields[name]!r}: drop the option or train "
+                    "from scratch."
                 )
-        fields = {
-            name: getattr(source_config, name)
-            for name in (
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "intermediate_size",
-                "hidden_act",
-                "layer_norm_eps",
-                "image_size",
-                "patch_size",
-                "num_channels",
-                "qkv_bias",
-                "initializer_range",
+        depth = overrides.get("num_hidden_layers")
+        if depth is not None and not 1 <= depth <= fields["num_hidden_layers"]:
+            raise ValueError(
+                f"num_hidden_layers={depth}: the backbone has {fields['num_hidden_layers']} blocks; a clsmask model "
+                f"initialised from it can keep its first 1..{fields['num_hidden_layers']} blocks."
             )
-        }
+        if overrides.get("patch_embedding_type", "patchify") != "patchify":
+            raise ValueError(
+                "A pretrained backbone fills ViT's patch projection: patch_embedding_type must be 'patchify'."
+            )
         if id2label is not None:
             fields["id2label"] = {int(k): v for k, v in id2label.items()}
             fields["label2id"] = {v: int(k) for k, v in id2label.items()}
-        fields["patch_embedding_type"] = "patchify"  # the only stem ViT/DeiT weights fill
-        fields.update(overrides)
-        if fields["patch_embedding_type"] != "patchify":
-            raise ValueError(
-                "from_vit_pretrained loads ViT's patch projection: patch_embedding_type must be 'patchify'."
-            )
+        if weights.extra_tokens is not None:
+            fields["num_register_tokens"] = weights.extra_tokens.shape[1]
+        fields.update(
+            patch_embedding_type="patchify",
+            backbone_family=weights.family,
+            pre_layernorm=weights.pre_layernorm is not None,
+            weight_init="normal",
+        )
+        fields.update({k: v for k, v in overrides.items() if v is not None})
         model = cls(ClsMaskConfig(**fields))
-        model.load_vit_weights(source)
+        model.load_backbone_weights(weights)
+        model.backbone_normalisation = (weights.image_mean, weights.image_std)
         return model
 
+    @classmethod
+    def from_vit_pretrained(
+        cls, pretrained_model_name_or_path: str, id2label: dict[int, str] | None = None, **overrides
+    ) -> "ClsMaskPreTrainedModel":
+        """`from_pretrained_backbone` for ViT and DeiT checkpoints only (the entry point before other families)."""
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(pretrained_model_name_or_path).model_type
+        if model_type not in ("vit", "deit"):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a {model_type!r} checkpoint; from_vit_pretrained expects a ViT "
+                "or DeiT checkpoint (from_pretrained_backbone takes DINOv2 and CLIP too)."
+            )
+        return cls.from_pretrained_backbone(pretrained_model_name_or_path, id2label=id2label, **overrides)
+
     @torch.no_grad()
-    def load_vit_weights(self, source: nn.Module) -> None:
-        """Copy the weights of a transformers ViT/DeiT base model (module tree, not raw state-dict keys)."""
+    def load_backbone_weights(self, weights: BackboneWeights) -> None:
+        """Copy a `BackboneWeights` (see `backbones.py`) into this model."""
         base = self.base_model
         embeddings = base.embeddings
-        src_embeddings = source.embeddings
-        embeddings.patch_embeddings.projection.load_state_dict(src_embeddings.patch_embeddings.projection.state_dict())
-        positions = src_embeddings.position_embeddings
-        src_grid = [s // source.config.patch_size for s in _pair(source.config.image_size)]
-        num_prefix = positions.shape[1] - src_grid[0] * src_grid[1]
-        class_position = positions[:, :1]
-        patch_positions = positions[:, num_prefix:]
-        if tuple(src_grid) != embeddings.grid_size:
-            dim = patch_positions.shape[-1]
-            grid = patch_positions.reshape(1, *src_grid, dim).permute(0, 3, 1, 2)
-            grid = nn.functional.interpolate(grid, size=embeddings.grid_size, mode="bicubic", align_corners=False)
-            patch_positions = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        embeddings.position_embeddings.copy_(patch_positions)
-        embeddings.class_position_embeddings.copy_(class_position.expand_as(embeddings.class_position_embeddings))
-        embeddings.class_tokens.copy_(src_embeddings.cls_token.expand_as(embeddings.class_tokens))
+        projection = dict(weights.patch_projection)
+        projection["weight"] = adapt_input_channels(projection["weight"], self.config.num_channels)
+        embeddings.patch_embeddings.projection.load_state_dict(projection)
+        embeddings.position_embeddings.copy_(
+            resize_positions(weights.patch_positions, weights.grid, embeddings.grid_size)
+        )
+        embeddings.class_position_embeddings.copy_(
+            weights.cls_position.expand_as(embeddings.class_position_embeddings)
+        )
+        embeddings.class_tokens.copy_(weights.cls_token.expand_as(embeddings.class_tokens))
         if embeddings.register_tokens is not None:
-            embeddings.register_tokens.copy_(src_embeddings.cls_token.expand_as(embeddings.register_tokens))
-            embeddings.register_position_embeddings.copy_(class_position.expand_as(embeddings.register_tokens))
-        missing, unexpected = base.layers.load_state_dict(source.layers.state_dict(), strict=False)
-        missing = [key for key in missing if "head_gate" not in key]
-        if missing or unexpected:
-            raise ValueError(f"ViT blocks do not match this model: missing {missing}, unexpected {unexpected}.")
-        base.layernorm.load_state_dict(source.layernorm.state_dict())
+            count = embeddings.register_tokens.shape[1]
+            tokens = weights.cls_token.expand(1, count, -1).clone()
+            positions = weights.cls_position.expand(1, count, -1).clone()
+            if weights.extra_tokens is not None:
+                carried = min(count, weights.extra_tokens.shape[1])
+                tokens[:, :carried] = weights.extra_tokens[:, :carried]
+                positions[:, :carried] = weights.extra_positions[:, :carried]
+            embeddings.register_tokens.copy_(tokens)
+            embeddings.register_position_embeddings.copy_(positions)
+        for layer, state in zip(base.layers, weights.layers):
+            missing, unexpected = layer.load_state_dict(state, strict=False)
+            missing = [key for key in missing if "head_gate" not in key]
+            if missing or unexpected:
+                raise ValueError(
+                    f"Backbone blocks do not match this model: missing {missing}, unexpected {unexpected}."
+                )
+        if weights.pre_layernorm is not None:
+            base.pre_layernorm.load_state_dict(weights.pre_layernorm)
+        base.layernorm.load_state_dict(weights.final_norm)
+        readout = getattr(self, "classifier", None)
+        if isinstance(readout, ClsMaskClassTokenReadout):
+            # Every class token starts as the same [CLS]; a zero readout first learns what separates present from
+            # absent tokens and only then moves the tokens, instead of pushing them along a random direction (the
+            # maps of a random start varied by 0.1 mIoU between seeds; docs/results.md).
+            readout.dense.weight.zero_()
 
     def class_maps_from_attentions(
         self, class_attentions: tuple[torch.Tensor, ...], grid: tuple[int, int], layers: list[int]
@@ -631,6 +654,17 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
             patch_attention = attention[..., num_classes : num_classes + num_patches]
             maps = maps + torch.einsum("bhcn,h->bcn", patch_attention, weights)
         return maps.reshape(-1, num_classes, *grid)
+
+
+def propagate_by_affinity(class_maps: torch.Tensor, patch_states: torch.Tensor, power: float) -> torch.Tensor:
+    """(B, C, h, w) maps spread over patches of like features: `m_i <- sum_j A_ij m_j`, with the rows of `A`
+    proportional to `max(cos(p_i, p_j), 0) ** power` of the (B, h*w, D) patch tokens. Total map mass is kept."""
+    batch, classes, height, width = class_maps.shape
+    features = nn.functional.normalize(patch_states.float(), dim=-1)
+    affinity = (features @ features.transpose(1, 2)).clamp_min(0) ** power
+    affinity = affinity / affinity.sum(-1, keepdim=True).clamp_min(1e-12)
+    maps = class_maps.float().flatten(2) @ affinity.transpose(1, 2)
+    return maps.view(batch, classes, height, width).to(class_maps.dtype)
 
 
 def diversity_loss(class_maps: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
@@ -678,16 +712,16 @@ def scaled_size(height: int, width: int, scale: float, patch_size: int) -> tuple
     )
 
 
-def _pair(value) -> tuple[int, int]:
-    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
 class ClsMaskModel(ClsMaskPreTrainedModel):
     """The bare class-token ViT: embeddings, blocks and a final layer norm."""
 
     def __init__(self, config: ClsMaskConfig):
         super().__init__(config)
         self.embeddings = ClsMaskEmbeddings(config)
+        # CLIP's vision tower normalises the token sequence before the first block.
+        self.pre_layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else None
+        )
         self.layers = nn.ModuleList([ClsMaskLayer(config) for _ in range(config.num_hidden_layers)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
@@ -770,6 +804,8 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         dtype = self.embeddings.patch_embeddings.projection.weight.dtype
         hidden_states = self.embeddings(pixel_values.to(dtype))
+        if self.pre_layernorm is not None:
+            hidden_states = self.pre_layernorm(hidden_states)
         wanted = set(self.class_attention_layers(attention_map_layers)) if output_class_attentions else set()
         rows, cols = patch_grid(pixel_values, self.config.patch_size)
         num_patches = rows * cols
@@ -887,7 +923,6 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             return class_maps
         height, width = pixel_values.shape[-2:]
         patch = self.config.patch_size
-        layers = self.clsmask.class_attention_layers(attention_map_layers)
         base_patches = class_maps.shape[-2] * class_maps.shape[-1]
         passes = []
         for scale in scales:
@@ -900,13 +935,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
                     passes.append(class_maps.float())
                     continue
                 inputs = scaled.flip(-1) if flipped else scaled
-                attentions = self.clsmask(
-                    inputs,
-                    output_class_attentions=True,
-                    attention_map_layers=attention_map_layers,
-                    class_tokens_only=True,
-                ).class_attentions
-                maps = self.class_maps_from_attentions(attentions, patch_grid(inputs, patch), layers).float()
+                maps = self.one_pass_maps(inputs, attention_map_layers).float()
                 passes.append(maps.flip(-1) if flipped else maps)
         grid = max((tuple(maps.shape[-2:]) for maps in passes), key=lambda shape: shape[0] * shape[1])
         total = 0
@@ -914,6 +943,29 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             density = maps * (maps.shape[-2] * maps.shape[-1] / base_patches)
             total = total + nn.functional.interpolate(density, size=grid, mode="bilinear", align_corners=False)
         return (total / len(passes)).to(class_maps.dtype)
+
+    def one_pass_maps(self, pixel_values: torch.Tensor, attention_map_layers: int | None = None) -> torch.Tensor:
+        """(B, C, h, w) maps of one input as given, propagated by patch affinity when the config asks for it."""
+        power = self.config.attention_map_affinity_power
+        outputs = self.clsmask(
+            pixel_values,
+            output_class_attentions=True,
+            attention_map_layers=attention_map_layers,
+            class_tokens_only=not power,
+        )
+        grid = patch_grid(pixel_values, self.config.patch_size)
+        layers = self.clsmask.class_attention_layers(attention_map_layers)
+        maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
+        return self.affinity_maps(maps, outputs.last_hidden_state)
+
+    def affinity_maps(self, class_maps: torch.Tensor, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """`propagate_by_affinity` with the final patch tokens, when `attention_map_affinity_power` > 0."""
+        power = self.config.attention_map_affinity_power
+        if not power:
+            return class_maps
+        num_classes, num_patches = self.config.num_labels, class_maps.shape[-2] * class_maps.shape[-1]
+        patches = last_hidden_state[:, num_classes : num_classes + num_patches]
+        return propagate_by_affinity(class_maps, patches, power)
 
     def forward(
         self,
@@ -943,13 +995,15 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         diversity = self.training and labels is not None and self.config.diversity_loss_coefficient > 0
         output_class_maps = output_class_maps or diversity
+        refine = output_class_maps and augment_maps and not self.training
+        needs_patches = refine and self.config.attention_map_affinity_power > 0
         outputs = self.clsmask(
             pixel_values,
             output_class_attentions=output_class_maps,
             attention_map_layers=attention_map_layers,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            class_tokens_only=not (output_attentions or output_hidden_states),
+            class_tokens_only=not (output_attentions or output_hidden_states or needs_patches),
         )
         class_states = outputs.last_hidden_state[:, : self.config.num_labels]
         logits, loss, l0 = self.classify(class_states, labels)
@@ -958,7 +1012,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             layers = self.clsmask.class_attention_layers(attention_map_layers)
             grid = patch_grid(pixel_values, self.config.patch_size)
             class_maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
-            if augment_maps and not self.training:
+            if refine:
+                class_maps = self.affinity_maps(class_maps, outputs.last_hidden_state)
                 class_maps = self.augmented_class_maps(pixel_values, class_maps, attention_map_layers)
                 if self.config.attention_map_refinement_iterations > 0:
                     class_maps = self.map_refinement(class_maps, pixel_values)
@@ -1057,6 +1112,7 @@ class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
             output_size,
             background_threshold=self.config.background_threshold,
             background_label_id=self.config.background_label_id,
+            assembly=self.config.mask_assembly,
         )
 
 

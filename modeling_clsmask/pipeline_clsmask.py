@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
-from .image_processing_clsmask import to_8bit
+from .image_processing_clsmask import channels_first, to_8bit
 from .pseudo_masks import (
     AUTO,
     MAX_WORKING_SIZE,
@@ -84,9 +84,18 @@ class ClsMaskSegmentationPipeline(Pipeline):
         return vector
 
     def preprocess(self, image, labels=None, timeout=None):
+        bands = self.model.config.num_channels
+        if isinstance(image, np.ndarray) and bands not in (1, 3):
+            # Multispectral: the array goes to the image processor as it is (C x H x W), its band count checked.
+            array = channels_first(image, bands)
+            inputs = self.image_processor(images=array, return_tensors="pt")
+            inputs["target_size"] = torch.tensor([[array.shape[1], array.shape[2]]])
+            if labels is not None:
+                inputs["image_labels"] = self._label_vector(labels)
+            return inputs
         if isinstance(image, np.ndarray):
-            if image.ndim == 3 and image.shape[-1] not in (1, 3, 4) and image.shape[0] in (1, 3, 4):
-                image = np.moveaxis(image, 0, -1)
+            if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
+                image = np.moveaxis(channels_first(image, bands), 0, -1)  # a clear error for a wrong band count
             image = to_8bit(image)
             image = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
         source = image if isinstance(image, str) else None
@@ -138,8 +147,9 @@ class ClsMaskSegmentationPipeline(Pipeline):
         # uint8, so a large photo never holds a full-size int64 label map (see `max_working_size`).
         size = working_size(target, self.max_working_size)
         mask = masks_from_class_maps(
-            model_outputs["class_maps"], probs, present, size, background_threshold, background, max_working_size=None
-        )[0]
+            model_outputs["class_maps"], probs, present, size, background_threshold, background,
+            max_working_size=None, assembly=config.mask_assembly,
+        )[0]  # fmt: skip
         results = []
         for label in mask.unique().tolist():
             is_background = background_threshold is not None and label == background

@@ -133,6 +133,7 @@ def masks_from_class_maps(
     background_threshold: float | None = None,
     background_label_id: int = 0,
     max_working_size: int | None = MAX_WORKING_SIZE,
+    assembly: str = "threshold",
 ) -> torch.Tensor:
     """Turn per-class attention maps into label maps, batched.
 
@@ -147,6 +148,10 @@ def masks_from_class_maps(
         max_working_size: when the longer side of `output_size` exceeds it, the masks are made at that longer side
             (aspect kept) and resized to `output_size` with nearest neighbours (`nearest_resize`), so a large photo
             costs about what a 512 px one does. `None`: always work at `output_size`.
+        assembly: `"threshold"` (the paper): each class claims the pixels at or above its map's mean, the most
+            confident claimant wins, unclaimed pixels take the nearest claimed class. `"argmax"`: each pixel takes the
+            present class whose normalised map is highest there (as CAMs are read); diffuse maps, whose above-mean
+            halves overlap, keep more of their shape this way.
 
     Returns:
         (B, H, W) int64 label maps. Without background, an image with no present class takes its most probable
@@ -174,12 +179,17 @@ def masks_from_class_maps(
     size = working_size(output_size, max_working_size)
     maps = F.interpolate(class_maps.float(), size=size, mode="bilinear", align_corners=False)
     maps = normalize_maps(maps)
-    above = (maps >= maps.flatten(2).mean(-1)[..., None, None]) & present[..., None, None]
-    # Painting in ascending score order == every pixel takes the highest-scoring class that claims it.
-    claim = torch.where(above, class_scores.float()[..., None, None], torch.full_like(maps, -float("inf")))
-    labels = claim.argmax(dim=1)
-    assigned = above.any(dim=1)
-    labels = nearest_fill(labels, assigned)
+    if assembly == "argmax":
+        labels = torch.where(present[..., None, None], maps, torch.full_like(maps, -1.0)).argmax(dim=1)
+    elif assembly == "threshold":
+        above = (maps >= maps.flatten(2).mean(-1)[..., None, None]) & present[..., None, None]
+        # Painting in ascending score order == every pixel takes the highest-scoring class that claims it.
+        claim = torch.where(above, class_scores.float()[..., None, None], torch.full_like(maps, -float("inf")))
+        labels = claim.argmax(dim=1)
+        assigned = above.any(dim=1)
+        labels = nearest_fill(labels, assigned)
+    else:
+        raise ValueError(f"assembly must be 'threshold' or 'argmax', got {assembly!r}.")
     if use_background:
         best = torch.where(present[..., None, None], maps, torch.zeros_like(maps)).amax(dim=1)
         labels = torch.where(

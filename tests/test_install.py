@@ -10,7 +10,10 @@ from test_run_pretrain import BUILTIN, TINY
 
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("pyproject.toml", "README.md", "run_pretrain.py", "run_segmentation.py", "modeling_clsmask", "model_cards")
+SHIPPED = (
+    "pyproject.toml", "README.md", "run_pretrain.py", "run_segmentation.py", "modeling_clsmask", "model_cards",
+    "recipes",
+)  # fmt: skip
 
 
 def run(command, **kwargs):
@@ -66,6 +69,9 @@ def test_non_editable_install_runs_both_scripts_and_writes_cards(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     where = run([sys.executable, "-c", "import modeling_clsmask; print(modeling_clsmask.__file__)"], cwd=work, env=env)
     assert where.strip().startswith(str(site)), where
+    # The recipes are installed with the package: --recipe works outside the checkout.
+    assert (site / "modeling_clsmask/training/recipes/voc.json").exists()
+    assert "--init_from" in run([sys.executable, "-m", "run_pretrain", "--recipe", "voc", "--help"], cwd=work, env=env)
     short = [*BUILTIN, "--max_train_steps", "1", "--num_visualizations", "0"]
     run([sys.executable, "-m", "run_pretrain", *TINY, *short, "--output_dir", "stage1"], cwd=work, env=env)
     seg = ["--model_name_or_path", "stage1", "--max_train_samples", "16", "--output_dir", "seg"]

@@ -600,3 +600,27 @@ def test_refined_maps_in_the_model():
 def test_refinement_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         tiny_config(**{field: value})
+
+
+def test_affinity_propagation_spreads_within_like_patches():
+    from modeling_clsmask.modeling_clsmask import propagate_by_affinity
+
+    # Patches 0-1 share one feature direction, patches 2-3 another: mass on patch 0 spreads to patch 1 only.
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])[None]
+    maps = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    spread = propagate_by_affinity(maps, features, power=8.0)
+    torch.testing.assert_close(spread.flatten(), torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    torch.testing.assert_close(spread.sum(), maps.sum())
+
+
+def test_affinity_maps_in_the_model_only_at_inference():
+    model = ClsMaskForMultiLabelClassification(tiny_config(attention_map_affinity_power=4.0)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    raw = model(pixels, output_class_maps=True, augment_maps=False)
+    spread = model(pixels, output_class_maps=True)
+    from modeling_clsmask.modeling_clsmask import propagate_by_affinity
+
+    full = model.clsmask(pixels).last_hidden_state[:, 3 : 3 + 16]
+    torch.testing.assert_close(spread.class_maps, propagate_by_affinity(raw.class_maps, full, 4.0))
+    assert not torch.allclose(spread.class_maps, raw.class_maps)
+    torch.testing.assert_close(spread.logits, raw.logits)

@@ -134,3 +134,25 @@ def test_large_outputs_are_made_at_a_bounded_working_size():
     torch.testing.assert_close(big, expected)
     full = masks_from_class_maps(maps, scores, present, (200, 100), 0.3, 0, max_working_size=None)
     assert (big == full).float().mean() > 0.95  # the same masks up to the blocky edges
+
+
+def test_argmax_assembly_takes_the_highest_normalised_map():
+    # Both maps are above their means on the middle columns; the paper's assembly gives them to the more confident
+    # class, the argmax to whichever normalised map is higher there.
+    maps = torch.zeros(1, 2, 1, 4)
+    maps[0, 0] = torch.tensor([1.0, 0.9, 0.7, 0.0])
+    maps[0, 1] = torch.tensor([0.0, 0.6, 0.8, 1.0])
+    scores, present = torch.tensor([[0.9, 0.8]]), torch.tensor([[True, True]])
+    assert masks_from_class_maps(maps, scores, present, (1, 4))[0, 0].tolist() == [0, 0, 0, 1]
+    argmax = masks_from_class_maps(maps, scores, present, (1, 4), assembly="argmax")
+    assert argmax[0, 0].tolist() == [0, 0, 1, 1]
+    # Absent classes are never painted; background where the best present map is under the threshold.
+    only_one = masks_from_class_maps(maps, scores, torch.tensor([[False, True]]), (1, 4), assembly="argmax")
+    assert set(only_one.unique().tolist()) == {1}
+    three = torch.cat([torch.zeros(1, 1, 1, 4), maps], 1)
+    masked = masks_from_class_maps(
+        three, torch.tensor([[0.99, 0.9, 0.8]]), torch.ones(1, 3, dtype=torch.bool), (1, 4), 0.5, 0, assembly="argmax"
+    )
+    assert masked[0, 0].tolist() == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match="assembly"):
+        masks_from_class_maps(maps, scores, present, (1, 4), assembly="vote")

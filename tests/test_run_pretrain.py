@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from test_remote_code import run_isolated
 
 import run_pretrain
+from modeling_clsmask.training.presets import PRESETS
 
 
 TINY = [
@@ -53,10 +54,13 @@ def test_builtin_end_to_end(tmp_path, capsys):
     assert config["classifier_type"] == "shared" and config["weight_init"] == "fan_in"
     assert config["attention_map_layer_ids"] == [0] and config["token_mask_rate"] == 0.0
     assert config["attention_map_scales"] == [0.75, 1.0, 1.5, 2.0] and config["attention_map_flip"]
-    assert config["attention_map_refinement_iterations"] == run_pretrain.REFINEMENT_ITERATIONS > 0
+    refinement = PRESETS["scratch"]["attention_map_refinement_iterations"]
+    assert config["attention_map_refinement_iterations"] == refinement > 0
     assert saved["test_num_images"] == 16 and "test_pseudo_mask_mean_iou" in saved
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers"
+    # The card states what the run did: this run used no token masking, from scratch.
+    assert "without token masking" in card.text and "Trained from scratch" in card.text
     assert card.data.pipeline_tag == "image-segmentation"
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert values["Pseudo-mask mIoU (image labels)"] == round(saved["pseudo_mask_mean_iou"], 4)
@@ -80,17 +84,20 @@ def test_builtin_end_to_end(tmp_path, capsys):
 
 
 def test_resume_gives_identical_weights(tmp_path):
-    args = [*TINY, *BUILTIN, "--max_train_steps", "6", "--checkpointing_steps", "4", "--num_visualizations", "0"]
+    args = [*TINY, *BUILTIN, "--max_train_steps", "6", "--checkpointing_steps", "2", "--num_visualizations", "0",
+            "--checkpoints_total_limit", "2"]  # fmt: skip
     run_pretrain.main([*args, "--output_dir", str(tmp_path / "full")])
     full = load_file(tmp_path / "full" / "model.safetensors")
-    assert (tmp_path / "full" / "checkpoints" / "step_4").is_dir()
+    # Retention: the newest two of steps 2, 4, 6 are kept (6 is what 'latest' names).
+    assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == ["step_4", "step_6"]
     # Interrupted after step 4: the folder as the run left it (checkpoint recorded, no final model, not finished).
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     (tmp_path / "resumed" / "model.safetensors").unlink()
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_6")
     marker_path = tmp_path / "resumed" / "clsmask_run.json"
     marker = json.loads(marker_path.read_text())
-    assert marker["checkpoints"] == ["checkpoints/step_4"] and marker["finished"]
-    marker_path.write_text(json.dumps({**marker, "finished": False}))
+    assert marker["checkpoints"] == ["checkpoints/step_4", "checkpoints/step_6"] and marker["finished"]
+    marker_path.write_text(json.dumps({**marker, "checkpoints": ["checkpoints/step_4"], "finished": False}))
     # An older run's higher-numbered checkpoint in the same folder is not "latest" for this run.
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_4", tmp_path / "resumed" / "checkpoints" / "step_999")
     run_pretrain.main([*args, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
@@ -234,7 +241,7 @@ def _png_bytes(image):
         ("no_labels", r"No usable labels column: the dataset has columns \['image', 'caption'\]"),
         ("out_of_range", r"Label id 7 is out of range: the model has 2 labels"),
         ("mask_size", r"A mask has size 16x16 but its image is 32x32"),
-        ("channels", r"An image has 4 channels \(shape \(32, 32, 4\)\), but the model expects num_channels=3"),
+        ("channels", r"The model expects 3 bands; this input has 4 \(array of shape \(32, 32, 4\)"),
         ("wrong_column", r"labels_column 'tags' is not a column of the dataset"),
     ],
 )
@@ -447,19 +454,45 @@ def test_string_labels_and_missing_images(tmp_path):
         assert info["splits"] == {"train": 6, "validation": 3}
 
 
-def test_map_defaults_with_pretrained_weights(tmp_path):
-    # From ViT/DeiT weights the maps stay the paper's: one pass, no refinement, the raw maps' background threshold.
-    from transformers import ViTConfig, ViTModel
+def test_pretrained_preset_and_background_notice(tmp_path):
+    # With --init_from the 'pretrained' preset fills what the user left out; what the user gives wins.
+    from transformers import Dinov2Config, Dinov2Model
 
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                             image_size=32, patch_size=8))  # fmt: skip
-    vit.save_pretrained(tmp_path / "vit")
-    args = run_pretrain.parse_args(["--init_from", str(tmp_path / "vit"), "--image_size", "32", "--patch_size", "8",
-                                    "--attention_map_layers", "2"])  # fmt: skip
-    config = run_pretrain.build_model(args, ["background", "a"], 0).config
-    assert config.attention_map_scales == [1.0] and not config.attention_map_flip
-    assert config.attention_map_refinement_iterations == 0
-    assert config.background_threshold == run_pretrain.RAW_BACKGROUND
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=28,
+                             patch_size=14)).save_pretrained(tmp_path / "dino")  # fmt: skip
+    args = run_pretrain.parse_args(["--init_from", str(tmp_path / "dino"), "--image_size", "28",
+                                    "--class_token_layers", "2", "--attention_map_layers", "2",
+                                    "--freeze_layers", "2"])  # fmt: skip
+    assert args.preset == "pretrained" and args.image_size == 28
+    preset = PRESETS["pretrained"]
+    assert args.attention_map_scales == preset["attention_map_scales"]
+    assert args.learning_rate == preset["learning_rate"] and "image_size" not in args.preset_applied
+    model = run_pretrain.build_model(args, ["background", "a"], 0)
+    config = model.config
+    assert config.backbone_family == "dinov2" and config.class_token_layers == 2 and config.attention_map_layers == 2
+    assert config.attention_map_refinement_iterations == preset["attention_map_refinement_iterations"]
+    raw = not preset["attention_map_refinement_iterations"]
+    assert config.background_threshold == (run_pretrain.RAW_BACKGROUND if raw else run_pretrain.REFINED_BACKGROUND)
+    # Frozen: the patch embedding, positions and the first two blocks; the rest trains.
+    assert not any(p.requires_grad for p in model.clsmask.layers[1].parameters())
+    assert all(p.requires_grad for p in model.clsmask.layers[2].parameters())
+    assert not model.clsmask.embeddings.position_embeddings.requires_grad
+    assert model.clsmask.embeddings.class_tokens.requires_grad
+    # New parameters learn faster than the backbone.
+    optimizer = run_pretrain.build_optimizer(args, model)
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    multiplier = preset["new_parameter_lr_multiplier"]
+    assert rates[id(model.clsmask.embeddings.class_tokens)] == args.learning_rate * multiplier
+    assert rates[id(model.clsmask.layers[3].mlp.fc1.weight)] == args.learning_rate
+    # A background class that no mask holds is not painted under 'auto' ...
+    unpainted = run_pretrain.build_model(args, ["background", "a"], 0, background_in_masks=False)
+    assert unpainted.config.background_threshold is None
+    # ... unless asked for.
+    args.background_threshold = 0.3
+    asked = run_pretrain.build_model(args, ["background", "a"], 0, background_in_masks=False)
+    assert asked.config.background_threshold == 0.3
+    with pytest.raises(ValueError, match="blocks"):
+        run_pretrain.freeze_early_layers(model, 9)
 
 
 def test_ablation_benchmark_rescore_reproduces_its_runs(tmp_path):

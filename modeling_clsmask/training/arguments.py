@@ -40,6 +40,13 @@ def steps_or_epoch(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"expected a positive integer or 'epoch', got {text!r}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type for a count of at least one."""
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+
+
 def _option(default=None, help: str = "", **argparse_kwargs):
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
@@ -95,8 +102,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{item.name}", default=item.default, **item.metadata)
 
 
-def add_training_arguments(group, batch_size: int, learning_rate: float, weight_decay: float, epochs: int) -> None:
-    """The optimisation options both scripts have, with each script's defaults."""
+def add_training_arguments(
+    group, batch_size: int | None, learning_rate: float | None, weight_decay: float, epochs: int | None,
+    crop_scale_min: float | None = 0.6,
+) -> None:
+    """The optimisation options both scripts have, with each script's defaults (`None`: set by a preset)."""
     group.add_argument(
         "--per_device_train_batch_size", type=int, default=batch_size, help="Training batch per device."
     )
@@ -117,7 +127,7 @@ def add_training_arguments(group, batch_size: int, learning_rate: float, weight_
     )
     group.add_argument("--flip_prob", type=float, default=0.5, help="Augmentation: horizontal flip probability.")
     group.add_argument(
-        "--crop_scale_min", type=float, default=0.6, help="Augmentation: random resized crop, min area fraction."
+        "--crop_scale_min", type=float, default=crop_scale_min, help="Augmentation: random resized crop, min area."
     )
     group.add_argument("--seed", type=int, default=42, help="Seed of the model init, shuffling and augmentation.")
 
@@ -133,6 +143,12 @@ def add_output_arguments(parser: argparse.ArgumentParser, output_dir: str) -> No
     )
     out.add_argument(
         "--checkpointing_steps", type=steps_or_epoch, help="Save a resumable checkpoint every N steps, or 'epoch'."
+    )
+    out.add_argument(
+        "--checkpoints_total_limit",
+        type=positive_int,
+        default=2,
+        help="Keep this run's newest N checkpoints (the one 'latest' resumes from included); older ones are deleted.",
     )
     out.add_argument(
         "--resume_from_checkpoint", help="A checkpoint folder, or 'latest' (this run's newest, from its run marker)."

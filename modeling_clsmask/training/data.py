@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..image_processing_clsmask import channels_first
 from .arguments import DataArguments
 
 
@@ -48,6 +49,16 @@ class DataSpec:
     skipped: dict[str, int] = field(default_factory=dict)
     # 1 when a "background" class was put first for masks that store class k as k + 1 (labels column ids are shifted).
     label_offset: int = 0
+    # Class ids found in at least one mask (filled when the masks are checked; None when not known).
+    mask_classes: set[int] | None = None
+
+    @property
+    def background_in_masks(self) -> bool:
+        """False when there is a background class but no mask holds a background pixel (e.g. VOC-layout masks of
+        a dataset without background): painting background would then only make errors."""
+        if self.background_label_id is None:
+            return False
+        return self.mask_classes is None or self.background_label_id in self.mask_classes
 
     @property
     def has_masks(self) -> bool:
@@ -269,10 +280,11 @@ def drop_undecodable(spec: DataSpec) -> DataSpec:
 
         def decodable(example) -> dict:
             bad_values: list[int] = []
+            found: list[int] = []
             for column in image_columns:
                 value = example[column]
                 if value is None or (value.get("bytes") is None and not value.get("path")):
-                    return {"_ok": False, "_bad_mask": bad_values}
+                    return {"_ok": False, "_bad_mask": bad_values, "_classes": found}
                 source = value["path"] if value.get("bytes") is None else io.BytesIO(value["bytes"])
                 try:
                     with Image.open(source) as img:
@@ -281,12 +293,15 @@ def drop_undecodable(spec: DataSpec) -> DataSpec:
                             values = np.unique(mask_to_array(img))
                             values = values[values != IGNORE_INDEX]
                             bad_values = values[(values < 0) | (values >= num_labels)].tolist()
+                            found = values.tolist()
                 except Exception:  # noqa: BLE001 - any decoding failure means "skip this example"
-                    return {"_ok": False, "_bad_mask": []}
-            return {"_ok": True, "_bad_mask": bad_values}
+                    return {"_ok": False, "_bad_mask": [], "_classes": []}
+            return {"_ok": True, "_bad_mask": bad_values, "_classes": found}
 
         checked = raw.map(decodable, remove_columns=raw.column_names, desc=f"checking images ({name})")
         flags, bad_masks = checked["_ok"], checked["_bad_mask"]
+        if check_mask:
+            spec.mask_classes = (spec.mask_classes or set()).union(*map(set, checked["_classes"]))
         for row, bad in enumerate(bad_masks):
             if bad:
                 raise ValueError(
@@ -378,11 +393,10 @@ def image_to_array(image, num_channels: int) -> np.ndarray:
         array = np.asarray(image, dtype=np.float32) / 255.0
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     else:
-        array = np.asarray(image, dtype=np.float32)
-        if array.ndim == 2:
-            array = array[None]
-        elif array.ndim == 3 and array.shape[-1] < array.shape[0]:
-            array = array.transpose(2, 0, 1)  # channel-last (bands fewer than rows)
+        try:
+            array = channels_first(np.asarray(image, dtype=np.float32), num_channels)
+        except ValueError as error:
+            raise ValueError(f"{error} Check the image column or set --num_channels.") from None
     if array.ndim != 3 or array.shape[0] != num_channels:
         raise ValueError(
             f"An image has {array.shape[0] if array.ndim == 3 else 'no channel axis and'} channels (shape "

@@ -128,6 +128,7 @@ def train_loop(
     *,
     state: LoopState | None = None,
     checkpointing_steps: int | str | None = None,
+    checkpoints_total_limit: int | None = None,
     checkpoint_root: str,
     output_dir: str,
     max_grad_norm: float | None = None,
@@ -172,23 +173,32 @@ def train_loop(
             if not accelerator.sync_gradients:
                 continue
             completed += 1
-            progress.update(1)
+            # One refresh per step: the postfix is set without a redraw, then update() draws the line once.
             progress.set_postfix(
-                {"loss": f"{running / count:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}", **(postfix or dict)()}
+                {"loss": f"{running / count:.4f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}", **(postfix or dict)()},
+                refresh=False,
             )
+            progress.update(1)
             if with_tracking:
                 accelerator.log(
                     {f"{name}_loss": running / count, f"{name}_lr": scheduler.get_last_lr()[0]}, step=completed
                 )
             if isinstance(checkpointing_steps, int) and completed % checkpointing_steps == 0:
-                save_checkpoint(accelerator, os.path.join(checkpoint_root, f"step_{completed}"), output_dir)
+                save_checkpoint(
+                    accelerator,
+                    os.path.join(checkpoint_root, f"step_{completed}"),
+                    output_dir,
+                    checkpoints_total_limit,
+                )
             if completed >= schedule.max_steps:
                 break
         if on_epoch_end is not None:
             is_last = completed >= schedule.max_steps or epoch == schedule.num_epochs - 1
             on_epoch_end(epoch, completed, is_last, running / max(count, 1))
         if checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, os.path.join(checkpoint_root, f"epoch_{epoch}"), output_dir)
+            save_checkpoint(
+                accelerator, os.path.join(checkpoint_root, f"epoch_{epoch}"), output_dir, checkpoints_total_limit
+            )
         if completed >= schedule.max_steps:
             break
     progress.close()

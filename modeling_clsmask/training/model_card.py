@@ -21,12 +21,13 @@ def template_path(stage: str) -> str:
         return str(Path(__file__).resolve().parents[2] / "model_cards" / f"{stage}.md")
 
 
-REPO_URL = "https://github.com/clsmask/clsmask"
 PAPER = "arXiv:2507.06848"
+PAPER_URL = "https://arxiv.org/abs/2507.06848"
 CARD_HYPERPARAMETERS = (
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_train_steps", "optimizer", "weight_decay", "lr_scheduler_type", "warmup_ratio", "seed", "init_from",
-    "model_name_or_path", "scales", "flip", "refinement_iterations", "pseudo_label_source",
+    "model_name_or_path", "scales", "flip", "refinement_iterations", "pseudo_label_source", "preset",
+    "freeze_layers", "new_parameter_lr_multiplier",
 )  # fmt: skip
 CONFIG_FIELDS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -34,6 +35,7 @@ CONFIG_FIELDS = (
     "token_mask_rate", "use_head_gates", "l0_penalty", "attention_map_layers", "attention_map_layer_ids",
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
     "attention_map_refinement_sigma", "class_token_layers", "class_token_isolation", "background_threshold",
+    "backbone_family", "attention_map_affinity_power", "mask_assembly",
 )  # fmt: skip
 
 
@@ -63,6 +65,21 @@ def eval_results(metrics: dict, dataset_name: str, dataset_type: str) -> list[Ev
     return results
 
 
+def masking_sentence(config) -> str:
+    """What the run did about token masking, from its config (a card states what the run did)."""
+    rate = getattr(config, "token_mask_rate", 0.0) or 0.0
+    if rate > 0:
+        return f"with class-specific token masking (absent classes' tokens zeroed with probability {rate})"
+    return "without token masking (`token_mask_rate` 0; the paper uses 0.5)"
+
+
+def backbone_sentence(config, args: dict) -> str:
+    family = getattr(config, "backbone_family", None)
+    if not family:
+        return "Trained from scratch."
+    return f"Initialised from the pretrained {family} backbone `{args.get('init_from')}`."
+
+
 def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, stage: str = "pretrain") -> ModelCard:
     """Render `model_cards/{stage}.md` into `output_dir/README.md` and return the card."""
     model_name = args.get("hub_model_id") or os.path.basename(os.path.normpath(output_dir))
@@ -90,7 +107,10 @@ def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, s
         template_path=template_path(stage),
         model_name=model_name,
         model_id=args.get("hub_model_id") or output_dir,
-        repo_url=REPO_URL,
+        paper=PAPER,
+        paper_url=PAPER_URL,
+        masking_sentence=masking_sentence(config),
+        backbone_sentence=backbone_sentence(config, args),
         data_description=f"`{spec.source}` ({splits}).",
         num_labels=len(spec.class_names),
         class_names=", ".join(spec.class_names),

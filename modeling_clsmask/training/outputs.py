@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 
 
 def load_pretrained(load, path: str, flag: str):
@@ -32,7 +35,7 @@ RUN_MARKER = "clsmask_run.json"
 RUN_NEUTRAL_ARGS = {
     "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_token", "with_tracking",
     "report_to", "num_train_epochs", "max_train_steps", "checkpointing_steps", "eval_every_epochs",
-    "num_visualizations", "output_dir",
+    "num_visualizations", "output_dir", "checkpoints_total_limit",
 }  # fmt: skip
 
 
@@ -57,6 +60,67 @@ def write_run_marker(output_dir: str, marker: dict) -> None:
     os.replace(tmp, os.path.join(output_dir, RUN_MARKER))
 
 
+RUN_LOCK = "clsmask_run.lock"
+_held_locks: dict[str, object] = {}  # output folder -> open lock file of this process
+
+
+def lock_output_dir(output_dir: str, script: str) -> None:
+    """Hold an exclusive lock on `output_dir` for this process's lifetime, or refuse naming the run that holds it.
+
+    An OS file lock (`flock`) on `clsmask_run.lock`: the kernel drops it when the process ends in any way (also
+    killed), so a lock file left by a dead run is simply taken over; the file records who holds it, for the message.
+    A second claim from the same process (a resumed `main()` in a notebook) keeps the lock it holds.
+    """
+    import fcntl
+
+    folder = os.path.abspath(output_dir)
+    if folder in _held_locks:
+        return
+    os.makedirs(folder, exist_ok=True)
+    created = not os.path.exists(os.path.join(folder, RUN_LOCK))
+    handle = open(os.path.join(folder, RUN_LOCK), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        for _ in range(20):  # the holder writes its details right after taking the lock
+            handle.seek(0)
+            holder = handle.read().strip()
+            if holder:
+                break
+            time.sleep(0.1)
+        handle.close()
+        holder = holder or "a run that has not written its details yet"
+        raise RuntimeError(
+            f"--output_dir {output_dir!r} is in use by another run: {holder}. Wait for it to end, or give this run "
+            "another --output_dir."
+        ) from None
+    handle.seek(0)
+    previous = handle.read()
+    handle.seek(0)
+    handle.truncate()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    handle.write(f"{script} pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
+    handle.flush()
+    _held_locks[folder] = (handle, previous, created)
+
+
+def release_output_dir(output_dir: str, undo: bool = False) -> None:
+    """Release this process's lock on `output_dir` (also done by the OS when the process ends). `undo`: leave the
+    lock file as it was before this process took it (a refused run must not change another run's folder)."""
+    held = _held_locks.pop(os.path.abspath(output_dir), None)
+    if held is None:
+        return
+    handle, previous, created = held
+    if undo and created:
+        os.remove(handle.name)
+    elif undo:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(previous)
+    handle.close()
+
+
 def claim_output_dir(args, accelerator, script: str) -> dict:
     """Make sure `args.output_dir` is this run's before anything is written there; returns the run's marker.
 
@@ -65,6 +129,16 @@ def claim_output_dir(args, accelerator, script: str) -> dict:
     this run's checkpoints (so `--resume_from_checkpoint latest` never picks up another run's) and whether it
     finished. Returns the marker with `finished_before` True when a finished run is resumed unchanged.
     """
+    if accelerator.is_local_main_process:
+        lock_output_dir(args.output_dir, script)
+    try:
+        return _claim_locked_output_dir(args, accelerator, script)
+    except FileExistsError:
+        release_output_dir(args.output_dir, undo=True)  # refused: the folder stays exactly as it was
+        raise
+
+
+def _claim_locked_output_dir(args, accelerator, script: str) -> dict:
     marker = read_run_marker(args.output_dir)
     arguments = _run_arguments(args)
     defining = {k: v for k, v in arguments.items() if k not in RUN_NEUTRAL_ARGS}
@@ -74,7 +148,7 @@ def claim_output_dir(args, accelerator, script: str) -> dict:
         and {k: v for k, v in marker.get("args", {}).items() if k not in RUN_NEUTRAL_ARGS} == defining
     )
     occupied = os.path.isdir(args.output_dir) and any(
-        entry.name not in (RUN_MARKER, RUN_MARKER + ".tmp") for entry in os.scandir(args.output_dir)
+        entry.name not in (RUN_MARKER, RUN_MARKER + ".tmp", RUN_LOCK) for entry in os.scandir(args.output_dir)
     )
     if occupied and not same_run and not getattr(args, "overwrite_output_dir", False):
         reason = "files of another run" if marker else f"files that no {script} run wrote (no {RUN_MARKER})"
@@ -115,9 +189,11 @@ def mark_run_finished(output_dir: str) -> None:
         write_run_marker(output_dir, {**marker, "finished": True})
 
 
-def save_checkpoint(accelerator, folder: str, output_dir: str | None = None) -> None:
+def save_checkpoint(accelerator, folder: str, output_dir: str | None = None, total_limit: int | None = None) -> None:
     """save_state into a temporary folder, then rename: an interruption never leaves a half-written checkpoint.
-    With `output_dir`, the checkpoint is recorded in the run's marker (what `latest` resumes from)."""
+    With `output_dir`, the checkpoint is recorded in the run's marker (what `latest` resumes from); with
+    `total_limit`, this run's oldest recorded checkpoints in the same folder beyond the newest `total_limit` are
+    deleted afterwards (the newest, which `latest` names, never is; other runs' folders are never touched)."""
     tmp = folder + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -132,7 +208,13 @@ def save_checkpoint(accelerator, folder: str, output_dir: str | None = None) -> 
         if marker is not None:
             relative = os.path.relpath(folder, output_dir)
             checkpoints = [c for c in marker.get("checkpoints", []) if c != relative] + [relative]
-            write_run_marker(output_dir, {**marker, "checkpoints": checkpoints})
+            # Per checkpoint folder (stage 2 has one per model): the newest `total_limit` of this run's stay.
+            siblings = [c for c in checkpoints if os.path.dirname(c) == os.path.dirname(relative)]
+            pruned = siblings[:-total_limit] if total_limit else []
+            kept = [c for c in checkpoints if c not in pruned]
+            write_run_marker(output_dir, {**marker, "checkpoints": kept})  # recorded first: resume never sees a gap
+            for old in pruned:
+                shutil.rmtree(os.path.join(output_dir, old), ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -161,15 +243,17 @@ def find_checkpoint(resume_from_checkpoint: str, root: str, output_dir: str, req
     return recorded[-1]
 
 
+# What a push leaves out: anything in a subfolder (checkpoints, stage 2's pseudo-masks, tracker logs), the run's
+# marker and lock, temporary files. The model is the folder's top-level files (weights, config, code, card, panels).
+PUSH_IGNORE = ["*/*", RUN_MARKER, RUN_LOCK, "*.tmp"]
+
+
 def push_folder(folder: str, repo_id: str, token: str | None = None, commit_message: str = "Upload clsmask model"):
-    """Create the Hub repo (if needed) and upload the final folder, without the training checkpoints."""
+    """Create the Hub repo (if needed) and upload the model: the final folder's top-level files (`PUSH_IGNORE`)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
     return api.upload_folder(
-        folder_path=folder,
-        repo_id=repo_id,
-        commit_message=commit_message,
-        ignore_patterns=["checkpoints/*", "checkpoints_*/*", "*.tmp", "runs/*", "clsmask_pretrain/*", RUN_MARKER],
+        folder_path=folder, repo_id=repo_id, commit_message=commit_message, ignore_patterns=PUSH_IGNORE
     )

@@ -1,0 +1,94 @@
+"""The defaults of `run_pretrain.py` in one place: a preset for training from scratch, one for a pretrained backbone.
+
+Every option named here defaults to `None` on the command line; after parsing, the options the user (or a recipe) did
+not set take the preset's value: `scratch` without `--init_from`, `pretrained` with it (`--preset` picks another).
+Architecture options missing from `pretrained` come from the backbone itself. Why each value: docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+PRESETS: dict[str, dict] = {
+    # A small ViT learnt from the data alone (the built-in shapes): convolutional stem, fan-in init, maps of block 0
+    # averaged over scales and flips and refined with the image.
+    "scratch": {
+        "image_size": 64,
+        "patch_size": 8,
+        "num_channels": 3,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 256,
+        "patch_embedding_type": "conv",
+        "conv_stem_depth": 2,
+        "weight_init": "fan_in",
+        "num_register_tokens": 1,
+        "token_mask_rate": 0.0,
+        "class_token_layers": 0,
+        "attention_map_layer_ids": [0],
+        "attention_map_scales": [0.75, 1.0, 1.5, 2.0],
+        "attention_map_flip": True,
+        "attention_map_refinement_iterations": 20,
+        "attention_map_affinity_power": 0.0,
+        "mask_assembly": "threshold",
+        "freeze_layers": 0,
+        "learning_rate": 1e-3,
+        "new_parameter_lr_multiplier": 1.0,
+        "per_device_train_batch_size": 32,
+        "num_train_epochs": 20,
+        "crop_scale_min": 0.6,
+        "eval_every_epochs": 1,
+    },
+    # An ImageNet-scale ViT (DINOv2, CLIP, DeiT, ViT), kept frozen: the class tokens join the last block only and,
+    # with the readout, are all that learns, so each token becomes a learnt query over the pretrained patch keys; the
+    # maps are spread over patches of like features, refined with the image and read by their per-pixel argmax.
+    "pretrained": {
+        "image_size": 112,
+        "num_register_tokens": 1,
+        "token_mask_rate": 0.0,
+        "class_token_layers": 1,
+        "attention_map_layers": 1,
+        "attention_map_scales": [1.0],
+        "attention_map_flip": False,
+        "attention_map_refinement_iterations": 0,
+        "attention_map_affinity_power": 8.0,
+        "mask_assembly": "argmax",
+        "freeze_layers": -1,
+        "learning_rate": 1e-4,
+        "new_parameter_lr_multiplier": 10.0,
+        "per_device_train_batch_size": 32,
+        "num_train_epochs": 8,
+        "crop_scale_min": 1.0,
+        "eval_every_epochs": 4,
+    },
+}
+# Background threshold 'auto': on normalised class scores, for datasets whose masks hold background pixels.
+REFINED_BACKGROUND = 0.5
+RAW_BACKGROUND = 0.2
+
+
+def apply_preset(args: argparse.Namespace) -> dict:
+    """Fill the options left at `None` from the chosen preset; returns {option: value} of what the preset set."""
+    name = args.preset or ("pretrained" if args.init_from else "scratch")
+    args.preset = name
+    applied = {}
+    for key, value in PRESETS[name].items():
+        if getattr(args, key, None) is None:
+            if key == "attention_map_layer_ids" and args.attention_map_layers is not None:
+                continue  # the user asked for the last N blocks: explicit block ids would override that
+            if key == "attention_map_layers" and args.attention_map_layer_ids is not None:
+                continue
+            setattr(args, key, value)
+            applied[key] = value
+    return applied
+
+
+def describe_preset(name: str, applied: dict) -> str:
+    """One line for the start-up log: which preset, and the values it set."""
+    values = ", ".join(f"{key}={value}" for key, value in applied.items())
+    return f"Preset {name!r} (options you gave win): {values or 'nothing left to set'}"
+
+
+__all__ = ["PRESETS", "RAW_BACKGROUND", "REFINED_BACKGROUND", "apply_preset", "describe_preset"]

@@ -1,0 +1,174 @@
+"""Every supported backbone family initialises clsmask exactly: patch tokens equal the source's final normed states."""
+
+import json
+
+import pytest
+import torch
+from test_remote_code import run_isolated
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DeiTConfig,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskForSemanticSegmentation
+
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14)
+
+
+def perturb(model: torch.nn.Module) -> None:
+    """Move every 1-D parameter (norms, biases, LayerScale) away from its init, so folding errors show."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+
+
+def vit():
+    return ViTModel(ViTConfig(intermediate_size=64, **TINY), add_pooling_layer=False), 0, lambda out: out
+
+
+def deit():
+    return DeiTModel(DeiTConfig(intermediate_size=64, **TINY), add_pooling_layer=False), 1, lambda out: out
+
+
+def dinov2():
+    return Dinov2Model(Dinov2Config(mlp_ratio=2, layerscale_value=0.3, **TINY)), 0, lambda out: out
+
+
+def dinov2_registers():
+    config = Dinov2WithRegistersConfig(mlp_ratio=2, layerscale_value=0.3, num_register_tokens=3, **TINY)
+    return Dinov2WithRegistersModel(config), 3, lambda out: out
+
+
+def clip_vision():
+    model = CLIPVisionModel(CLIPVisionConfig(intermediate_size=64, **TINY))
+    tower = getattr(model, "vision_model", model)
+    return model, 0, lambda out: tower.post_layernorm(out)
+
+
+def clip_full():
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    model = CLIPModel(CLIPConfig(vision_config=dict(intermediate_size=64, **TINY), text_config=text))
+    tower = model.vision_model
+    tower = getattr(tower, "vision_model", tower)
+    model.forward = lambda pixel_values: tower(pixel_values=pixel_values)
+    return model, 0, lambda out: tower.post_layernorm(out)
+
+
+FAMILIES = {
+    "vit": vit,
+    "deit": deit,
+    "dinov2": dinov2,
+    "dinov2_with_registers": dinov2_registers,
+    "clip_vision": clip_vision,
+    "clip": clip_full,
+}
+
+
+def source_patch_states(source, extra: int, final_norm, pixels) -> torch.Tensor:
+    """The source's final normalised states of the patch tokens (after [CLS] and its extra tokens)."""
+    with torch.no_grad():
+        return final_norm(source(pixel_values=pixels).last_hidden_state)[:, 1 + extra :]
+
+
+def test_patch_tokens_match_the_source(tmp_path):
+    # Per family: one class token and the source's own extra tokens, no gates; then every saved clsmask folder is
+    # reloaded through remote code (one fresh interpreter where the package is not importable) and checked again.
+    pixels = torch.randn(2, 3, 28, 28)
+    cases = {}
+    for family, build in sorted(FAMILIES.items()):
+        source, extra, final_norm = build()
+        perturb(source)
+        source.eval().save_pretrained(tmp_path / family / "source")
+        model = ClsMaskForMultiLabelClassification.from_pretrained_backbone(
+            str(tmp_path / family / "source"), id2label={0: "only"}, num_register_tokens=extra
+        ).eval()
+        assert model.config.backbone_family == {"clip_vision": "clip"}.get(family, family)
+        expected = source_patch_states(source, extra, final_norm, pixels)
+        with torch.no_grad():
+            got = model.clsmask(pixels).last_hidden_state
+        # Order here: class token, patches, [REG] tokens.
+        torch.testing.assert_close(got[:, 1 : 1 + expected.shape[1]], expected, atol=1e-4, rtol=1e-4, msg=family)
+        model.save_pretrained(tmp_path / family / "clsmask")
+        cases[str(tmp_path / family / "clsmask")] = expected
+    torch.save({"pixels": pixels, "cases": cases}, tmp_path / "cases.pt")
+    run_isolated(
+        f"""
+        import torch
+        from transformers import AutoModel
+        saved = torch.load({str(tmp_path / "cases.pt")!r})
+        for folder, expected in saved["cases"].items():
+            model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+            with torch.no_grad():
+                got = model(saved["pixels"]).last_hidden_state
+            torch.testing.assert_close(got[:, 1 : 1 + expected.shape[1]], expected, atol=1e-4, rtol=1e-4, msg=folder)
+        """,
+        tmp_path,
+    )
+
+
+def test_dinov2_position_grid_is_interpolated_and_registers_carried(tmp_path):
+    source, _, _ = dinov2_registers()
+    source.save_pretrained(tmp_path / "source")
+    model = ClsMaskForSemanticSegmentation.from_pretrained_backbone(
+        str(tmp_path / "source"), id2label={0: "a", 1: "b"}, image_size=56
+    )
+    embeddings = model.clsmask.embeddings
+    assert embeddings.position_embeddings.shape == (1, 16, 32)  # 2 x 2 grid -> 4 x 4
+    assert model.config.num_register_tokens == 3
+    torch.testing.assert_close(embeddings.register_tokens, source.embeddings.register_tokens)
+    assert model(torch.randn(1, 3, 56, 56)).class_maps.shape[-2:] == (4, 4)
+
+
+def test_normalisation_comes_from_the_backbone(tmp_path):
+    source, _, _ = clip_vision()
+    source.save_pretrained(tmp_path / "source")
+    clip_mean, clip_std = [0.4815, 0.4578, 0.4082], [0.2686, 0.2613, 0.2758]
+    (tmp_path / "source" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": clip_mean, "image_std": clip_std})
+    )
+    model = ClsMaskForMultiLabelClassification.from_pretrained_backbone(str(tmp_path / "source"), id2label={0: "a"})
+    assert model.backbone_normalisation == (clip_mean, clip_std)
+    assert model.config.pre_layernorm and model.config.hidden_act == "quick_gelu"
+
+
+def test_overrides_are_honoured_or_refused(tmp_path):
+    source, _, _ = dinov2()
+    source.save_pretrained(tmp_path / "source")
+    path = str(tmp_path / "source")
+    thirteen = ClsMaskForMultiLabelClassification.from_pretrained_backbone(path, num_channels=13, num_hidden_layers=1)
+    assert thirteen.config.num_channels == 13 and len(thirteen.clsmask.layers) == 1
+    rgb = source.embeddings.patch_embeddings.projection.weight
+    weight = thirteen.clsmask.embeddings.patch_embeddings.projection.weight
+    # Bands repeat the RGB filters, each divided by how many bands share it (R 5 times, G and B 4 times).
+    torch.testing.assert_close(weight[:, 3:6], rgb / torch.tensor([5.0, 4.0, 4.0]).view(1, 3, 1, 1))
+    # An input whose bands are all equal responds as the RGB model does to the same grey image.
+    grey = torch.randn(1, 1, 28, 28)
+    conv = torch.nn.functional.conv2d
+    torch.testing.assert_close(conv(grey.expand(1, 13, -1, -1), weight), conv(grey.expand(1, 3, -1, -1), rgb))
+    for name, value in (("hidden_size", 64), ("patch_size", 7), ("num_attention_heads", 2)):
+        with pytest.raises(ValueError, match=name):
+            ClsMaskForMultiLabelClassification.from_pretrained_backbone(path, **{name: value})
+    with pytest.raises(ValueError, match="blocks"):
+        ClsMaskForMultiLabelClassification.from_pretrained_backbone(path, num_hidden_layers=5)
+
+
+def test_unknown_family_names_the_supported_ones(tmp_path):
+    from transformers import BeitConfig, BeitModel
+
+    BeitModel(BeitConfig(intermediate_size=64, **TINY)).save_pretrained(tmp_path / "beit")
+    with pytest.raises(ValueError, match="dinov2.*clip"):
+        ClsMaskForMultiLabelClassification.from_pretrained_backbone(str(tmp_path / "beit"))
+    with pytest.raises(ValueError, match="from_pretrained_backbone"):
+        ClsMaskForMultiLabelClassification.from_vit_pretrained(str(tmp_path / "beit"))
