@@ -172,3 +172,18 @@ def test_unknown_family_names_the_supported_ones(tmp_path):
         ClsMaskForMultiLabelClassification.from_pretrained_backbone(str(tmp_path / "beit"))
     with pytest.raises(ValueError, match="from_pretrained_backbone"):
         ClsMaskForMultiLabelClassification.from_vit_pretrained(str(tmp_path / "beit"))
+
+
+def test_class_tokens_start_from_cls_and_the_readout_from_zero(tmp_path):
+    # Every class token starts as [CLS] (+ its position); the shared readout starts at zero, so the first steps learn
+    # what separates present from absent tokens instead of pushing the tokens along a random direction.
+    source, _, _ = dinov2()
+    source.save_pretrained(tmp_path / "source")
+    model = ClsMaskForMultiLabelClassification.from_pretrained_backbone(
+        str(tmp_path / "source"), id2label={0: "a", 1: "b", 2: "c"}
+    )
+    embeddings = model.clsmask.embeddings
+    torch.testing.assert_close(embeddings.class_tokens, source.embeddings.cls_token.expand(1, 3, -1))
+    assert torch.count_nonzero(model.classifier.dense.weight) == 0
+    logits = model(torch.randn(2, 3, 28, 28)).logits
+    torch.testing.assert_close(logits, model.classifier.bias.expand(2, 3))

@@ -177,3 +177,64 @@ def test_segformer_reduction_ratios_keep_enough_keys():
     assert run_segmentation.reduction_ratios(512) == [8, 4, 2, 1]
     assert run_segmentation.reduction_ratios(64) == [2, 1, 1, 1]
     assert run_segmentation.reduction_ratios(32) == [1, 1, 1, 1]
+
+
+def test_upernet_on_a_pretrained_backbone(tmp_path):
+    # --seg_backbone: UperNet on four blocks of a pretrained AutoBackbone, its weights loaded; frozen on request.
+    from transformers import Dinov2Config, Dinov2Model
+
+    source = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2,
+                                      image_size=28, patch_size=14))  # fmt: skip
+    source.save_pretrained(tmp_path / "dino")
+    normalisation = '{"image_mean": [0.4, 0.5, 0.6], "image_std": [1, 2, 3]}'
+    (tmp_path / "dino" / "preprocessor_config.json").write_text(normalisation)
+    args = run_segmentation.parse_args(["--model_name_or_path", "x", "--seg_backbone", str(tmp_path / "dino"),
+                                        "--seg_freeze_backbone"])  # fmt: skip
+    model = run_segmentation.build_segmenter(args, ["a", "b", "c"], 28, 3)
+    assert type(model.backbone).__name__ == "Dinov2Backbone" and model.backbone.out_indices == [1, 2, 3, 4]
+    torch.testing.assert_close(
+        model.backbone.embeddings.patch_embeddings.projection.weight,
+        source.embeddings.patch_embeddings.projection.weight,
+    )
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    masks = torch.full((2, 28, 28), 255)
+    masks[:, :7] = 2
+    out = model(pixel_values=torch.randn(2, 3, 28, 28), labels=masks)
+    assert out.logits.shape == (2, 3, 28, 28) and torch.isfinite(out.loss)
+    processor = run_segmentation.segmentation_processor(args, 28, 3)
+    assert list(processor.image_mean) == [0.4, 0.5, 0.6] and list(processor.image_std) == [1, 2, 3]  # the backbone's
+
+
+def test_stage2_push_uploads_only_the_model(stage1, tmp_path, monkeypatch):
+    # The stage-2 folder holds pseudo_masks/ (a copy of the training images), checkpoints and tracker logs: none of
+    # them is pushed, only the model's top-level files.
+    import fnmatch
+    import os
+
+    import huggingface_hub
+
+    uploaded = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, exist_ok=False):
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
+            for root, _, files in os.walk(folder_path):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(root, name), folder_path)
+                    if not any(fnmatch.fnmatch(rel, pattern) for pattern in ignore_patterns):
+                        uploaded.append(rel)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "seg"
+    run_segmentation.main(["--model_name_or_path", stage1, *BUILTIN, *SEG, "--max_train_steps", "2",
+                           "--max_train_samples", "16", "--checkpointing_steps", "1", "--with_tracking",
+                           "--push_to_hub", "--hub_model_id", "me/seg", "--output_dir", str(out)])  # fmt: skip
+    assert (out / "pseudo_masks").is_dir() and any((out / "checkpoints_weak").iterdir())
+    assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json"} <= set(uploaded)
+    assert all("/" not in name for name in uploaded), uploaded
+    assert "clsmask_run.json" not in uploaded and "clsmask_run.lock" not in uploaded
