@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=optional_fraction,
         default=AUTO,
         help="Normalised class score under which a pixel is background: 'auto' (where masks hold background pixels: "
-        f"{REFINED_BACKGROUND} with the map refinement, {RAW_BACKGROUND} without; else none), 'none', or a number.",
+        f"the preset's, else {REFINED_BACKGROUND} with the map refinement, {RAW_BACKGROUND} without; else none), "
+        "'none', or a number.",
     )
     model.add_argument(
         "--image_mean", type=float, nargs="+", help="Per-band mean (default: the backbone's, or ImageNet's for RGB)."
@@ -296,7 +297,9 @@ def build_model(
 
     `background_in_masks=False` (a background class that no mask contains): 'auto' leaves background off."""
     id2label = dict(enumerate(class_names))
-    default_background = REFINED_BACKGROUND if args.attention_map_refinement_iterations else RAW_BACKGROUND
+    default_background = getattr(args, "auto_background_threshold", None)
+    if default_background is None:
+        default_background = REFINED_BACKGROUND if args.attention_map_refinement_iterations else RAW_BACKGROUND
     has_background = background_label_id is not None and background_in_masks
     background = resolve_threshold(args.background_threshold, default_background if has_background else None)
     fields = {name: getattr(args, name) for name in CONFIG_FROM_ARGS}

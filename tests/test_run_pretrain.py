@@ -471,8 +471,7 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     config = model.config
     assert config.backbone_family == "dinov2" and config.class_token_layers == 2 and config.attention_map_layers == 2
     assert config.attention_map_refinement_iterations == preset["attention_map_refinement_iterations"]
-    raw = not preset["attention_map_refinement_iterations"]
-    assert config.background_threshold == (run_pretrain.RAW_BACKGROUND if raw else run_pretrain.REFINED_BACKGROUND)
+    assert config.background_threshold == preset["auto_background_threshold"] != run_pretrain.RAW_BACKGROUND
     # Frozen: the patch embedding, positions and the first two blocks; the rest trains.
     assert not any(p.requires_grad for p in model.clsmask.layers[1].parameters())
     assert all(p.requires_grad for p in model.clsmask.layers[2].parameters())
