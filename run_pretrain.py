@@ -522,6 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.gradient_accumulation_steps, args.mixed_precision, args.with_tracking and args.report_to, args.output_dir
     )
     if claim_output_dir(args, accelerator, "run_pretrain").get("finished_before"):
+        release_output_dir(args.output_dir)
         return finished_run_results(args.output_dir)
     logger.info(accelerator.state, main_process_only=False)
     if not accelerator.is_local_main_process:

@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.gradient_accumulation_steps, args.mixed_precision, args.with_tracking and args.report_to, args.output_dir
     )
     if claim_output_dir(args, accelerator, "run_segmentation").get("finished_before"):
+        release_output_dir(args.output_dir)
         return finished_run_results(args.output_dir)
     set_seed(args.seed)
     if args.with_tracking:

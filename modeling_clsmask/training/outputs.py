@@ -64,18 +64,19 @@ RUN_LOCK = "clsmask_run.lock"
 _held_locks: dict[str, object] = {}  # output folder -> open lock file of this process
 
 
-def lock_output_dir(output_dir: str, script: str) -> None:
+def lock_output_dir(output_dir: str, script: str) -> bool:
     """Hold an exclusive lock on `output_dir` for this process's lifetime, or refuse naming the run that holds it.
 
     An OS file lock (`flock`) on `clsmask_run.lock`: the kernel drops it when the process ends in any way (also
     killed), so a lock file left by a dead run is simply taken over; the file records who holds it, for the message.
-    A second claim from the same process (a resumed `main()` in a notebook) keeps the lock it holds.
+    A second claim from the same process (a resumed `main()` in a notebook) keeps the lock it holds. Returns whether
+    this call took the lock (False: this process held it already).
     """
     import fcntl
 
     folder = os.path.abspath(output_dir)
     if folder in _held_locks:
-        return
+        return False
     os.makedirs(folder, exist_ok=True)
     created = not os.path.exists(os.path.join(folder, RUN_LOCK))
     handle = open(os.path.join(folder, RUN_LOCK), "a+")
@@ -103,6 +104,7 @@ def lock_output_dir(output_dir: str, script: str) -> None:
     handle.write(f"{script} pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
     handle.flush()
     _held_locks[folder] = (handle, previous, created)
+    return True
 
 
 def release_output_dir(output_dir: str, undo: bool = False) -> None:
@@ -129,13 +131,16 @@ def claim_output_dir(args, accelerator, script: str) -> dict:
     this run's checkpoints (so `--resume_from_checkpoint latest` never picks up another run's) and whether it
     finished. Returns the marker with `finished_before` True when a finished run is resumed unchanged.
     """
-    if accelerator.is_local_main_process:
-        lock_output_dir(args.output_dir, script)
+    taken = accelerator.is_local_main_process and lock_output_dir(args.output_dir, script)
     try:
-        return _claim_locked_output_dir(args, accelerator, script)
+        marker = _claim_locked_output_dir(args, accelerator, script)
     except FileExistsError:
-        release_output_dir(args.output_dir, undo=True)  # refused: the folder stays exactly as it was
+        if taken:
+            release_output_dir(args.output_dir, undo=True)  # refused: the folder stays exactly as it was
         raise
+    if marker.get("finished_before") and taken:
+        release_output_dir(args.output_dir, undo=True)  # nothing to do: the folder stays exactly as it was
+    return marker
 
 
 def _claim_locked_output_dir(args, accelerator, script: str) -> dict:
