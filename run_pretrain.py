@@ -492,15 +492,15 @@ def backbone_baselines(args, spec, encoder, config, has_test: bool) -> dict:
     train = eval_dataloader(
         spec.dataset[args.train_split], encoder, args.per_device_eval_batch_size, args.baseline_train_samples
     )
-    results = {}
-    splits = [("", args.validation_split)] + ([("test_", args.test_split)] if has_test else [])
-    for prefix, split in splits:
-        loader = eval_dataloader(
+    splits = {"": args.validation_split, **({"test_": args.test_split} if has_test else {})}
+    loaders = {
+        prefix: eval_dataloader(
             spec.dataset[split], encoder, args.per_device_eval_batch_size, None if prefix else args.max_eval_samples
         )
-        figures = frozen_baselines(args.init_from, config.image_size, train, loader, len(spec.class_names), foreground)
-        results.update({f"{prefix}baseline_{key}": value for key, value in figures.items()})
-    return results
+        for prefix, split in splits.items()
+    }
+    figures = frozen_baselines(args.init_from, config.image_size, train, loaders, len(spec.class_names), foreground)
+    return {f"{prefix}baseline_{key}": value for prefix, values in figures.items() for key, value in values.items()}
 
 
 def save_outputs(args, model, processor, metrics: dict, panels: list, spec, save_function=torch.save) -> None:

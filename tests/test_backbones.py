@@ -187,3 +187,30 @@ def test_class_tokens_start_from_cls_and_the_readout_from_zero(tmp_path):
     assert torch.count_nonzero(model.classifier.dense.weight) == 0
     logits = model(torch.randn(2, 3, 28, 28)).logits
     torch.testing.assert_close(logits, model.classifier.bias.expand(2, 3))
+
+
+def test_frozen_baselines_known_answers(tmp_path):
+    # Each image is one class painted over its whole area: label-only is exact (mIoU 1), CAM can only paint that
+    # label (1 too), the probe is a real fit (in [0, 1]); the heads are fitted once for all evaluated splits.
+    from modeling_clsmask.training.baselines import frozen_baselines, patch_majority_labels
+
+    source, _, _ = dinov2()
+    source.save_pretrained(tmp_path / "source")
+
+    def loader(count, seed):
+        generator = torch.Generator().manual_seed(seed)
+        classes = torch.randint(0, 3, (count,), generator=generator)
+        pixels = torch.randn(count, 3, 28, 28, generator=generator) + classes.view(-1, 1, 1, 1).float()
+        labels = torch.nn.functional.one_hot(classes, 3)
+        masks = classes.view(-1, 1, 1).expand(-1, 28, 28).clone()
+        return [{"pixel_values": pixels, "labels": labels, "mask": masks}]
+
+    results = frozen_baselines(str(tmp_path / "source"), 28, loader(24, 0), {"a": loader(8, 1), "b": loader(8, 2)}, 3)
+    assert set(results) == {"a", "b"}
+    for figures in results.values():
+        assert figures["label_only_mean_iou"] == 1.0 and figures["frozen_cam_mean_iou"] == 1.0
+        assert 0.0 <= figures["linear_probe_mean_iou"] <= 1.0 and 0.0 <= figures["frozen_cam_mAP"] <= 1.0
+    # Majority label per patch, void where a patch holds only void pixels.
+    masks = torch.tensor([[[0, 0, 1, 255], [0, 1, 1, 255]]])
+    assert patch_majority_labels(masks, (1, 2), 2).tolist() == [[[0, 1]]]
+    assert patch_majority_labels(torch.full((1, 2, 2), 255), (1, 1), 2).tolist() == [[[255]]]

@@ -95,38 +95,43 @@ def score(maps: torch.Tensor, masks: torch.Tensor, num_classes: int, allowed: to
 
 
 def frozen_baselines(
-    path: str, image_size, train_loader, eval_loader, num_classes: int, foreground: list[int] | None = None
-) -> dict:
-    """Label-only, frozen-backbone CAM and fully supervised linear-probe figures on `eval_loader` (see module doc).
+    path: str, image_size, train_loader, eval_loaders: dict, num_classes: int, foreground: list[int] | None = None
+) -> dict[str, dict]:
+    """Label-only, frozen-backbone CAM and fully supervised linear-probe figures for each of `eval_loaders`
+    ({name: loader}; see module doc), with one backbone and one pair of heads fitted on `train_loader`.
 
     `foreground`: the class ids CAM and label-only may paint (all classes when None)."""
     backbone = frozen_backbone(path, image_size)
     train_x, train_y, train_m = patch_features(backbone, train_loader, desc="baseline features (train)")
-    eval_x, eval_y, eval_m = patch_features(backbone, eval_loader, desc="baseline features (eval)")
     foreground = list(range(num_classes)) if foreground is None else foreground
     keep = torch.zeros(num_classes, dtype=torch.bool)
     keep[foreground] = True
     head = fit_linear(train_x.mean((1, 2)), train_y, "bce")
-    with torch.no_grad():
-        image_probs = head(eval_x.mean((1, 2))).sigmoid()
-        cams = head(eval_x).permute(0, 3, 1, 2)
-    results = {"frozen_cam_mAP": average_precision(image_probs[:, keep], eval_y[:, keep]).nanmean().item()}
-    allowed = eval_y.bool() & keep
-    if eval_m is None:
-        return results
-    results["frozen_cam_mean_iou"] = score(normalize_maps(cams), eval_m, num_classes, allowed)
-    first = allowed.float().argmax(1)
-    label_only = F.one_hot(first, num_classes).float()[:, :, None, None].expand(-1, -1, *eval_m.shape[-2:])
-    results["label_only_mean_iou"] = score(label_only, eval_m, num_classes, None)
+    probe = None
     if train_m is not None:
-        grid = tuple(train_x.shape[1:3])
-        targets = patch_majority_labels(train_m, grid, num_classes).flatten()
+        targets = patch_majority_labels(train_m, tuple(train_x.shape[1:3]), num_classes).flatten()
         probe = fit_linear(train_x.flatten(0, 2), targets, "ce")
+    results = {}
+    for name, loader in eval_loaders.items():
+        eval_x, eval_y, eval_m = patch_features(backbone, loader, desc=f"baseline features ({name})")
         with torch.no_grad():
-            logits = probe(eval_x).permute(0, 3, 1, 2)
-        if logits.shape[1] < num_classes:
-            logits = F.pad(logits, (0, 0, 0, 0, 0, num_classes - logits.shape[1]), value=-1e9)
-        results["linear_probe_mean_iou"] = score(logits, eval_m, num_classes, None)
+            image_probs = head(eval_x.mean((1, 2))).sigmoid()
+            cams = head(eval_x).permute(0, 3, 1, 2)
+        figures = {"frozen_cam_mAP": average_precision(image_probs[:, keep], eval_y[:, keep]).nanmean().item()}
+        results[name] = figures
+        if eval_m is None:
+            continue
+        allowed = eval_y.bool() & keep
+        figures["frozen_cam_mean_iou"] = score(normalize_maps(cams), eval_m, num_classes, allowed)
+        first = allowed.float().argmax(1)
+        label_only = F.one_hot(first, num_classes).float()[:, :, None, None].expand(-1, -1, *eval_m.shape[-2:])
+        figures["label_only_mean_iou"] = score(label_only, eval_m, num_classes, None)
+        if probe is not None:
+            with torch.no_grad():
+                logits = probe(eval_x).permute(0, 3, 1, 2)
+            if logits.shape[1] < num_classes:
+                logits = F.pad(logits, (0, 0, 0, 0, 0, num_classes - logits.shape[1]), value=-1e9)
+            figures["linear_probe_mean_iou"] = score(logits, eval_m, num_classes, None)
     return results
 
 
