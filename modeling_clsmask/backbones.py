@@ -109,6 +109,16 @@ def _block(q, k, v, o, norm_before, norm_after, fc1, fc2, scale1=None, scale2=No
     return {f"{module}.{name}": value for module, params in parts.items() for name, value in params.items()}
 
 
+def _attention_mlp_block(layer, norm_before, norm_after, scale1=None, scale2=None) -> dict:
+    """`_block` of a layer with `attention.{q,k,v,o}_proj` and `mlp.fc1/fc2` (ViT, DeiT, DINOv2 in transformers 5)."""
+    attention, mlp = layer.attention, layer.mlp
+    scales = [None if scale is None else scale.detach() for scale in (scale1, scale2)]
+    return _block(
+        attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, norm_before, norm_after,
+        mlp.fc1, mlp.fc2, *scales,
+    )  # fmt: skip
+
+
 def read_vit(source) -> BackboneWeights:
     """ViT and DeiT (`ViTModel`, `DeiTModel`): [CLS] (+ DeiT's distillation token, carried as a [REG] token)."""
     config = source.config
@@ -120,19 +130,7 @@ def read_vit(source) -> BackboneWeights:
     distillation = getattr(embeddings, "distillation_token", None)
     if distillation is not None:
         extra_tokens, extra_positions = distillation.detach(), positions[:, 1:2]
-    layers = [
-        _block(
-            layer.attention.q_proj,
-            layer.attention.k_proj,
-            layer.attention.v_proj,
-            layer.attention.o_proj,
-            layer.layernorm_before,
-            layer.layernorm_after,
-            layer.mlp.fc1,
-            layer.mlp.fc2,
-        )  # fmt: skip
-        for layer in source.layers
-    ]
+    layers = [_attention_mlp_block(layer, layer.layernorm_before, layer.layernorm_after) for layer in source.layers]
     return BackboneWeights(
         family=config.model_type,
         config=_vit_config(config, config.intermediate_size),
@@ -162,18 +160,7 @@ def read_dinov2(source) -> BackboneWeights:
         extra_tokens = registers.detach()
         extra_positions = torch.zeros_like(extra_tokens)  # DINOv2's registers are added after the positions
     layers = [
-        _block(
-            layer.attention.q_proj,
-            layer.attention.k_proj,
-            layer.attention.v_proj,
-            layer.attention.o_proj,
-            layer.norm1,
-            layer.norm2,
-            layer.mlp.fc1,
-            layer.mlp.fc2,
-            layer.layer_scale1.lambda1.detach(),
-            layer.layer_scale2.lambda1.detach(),
-        )  # fmt: skip
+        _attention_mlp_block(layer, layer.norm1, layer.norm2, layer.layer_scale1.lambda1, layer.layer_scale2.lambda1)
         for layer in source.encoder.layer
     ]
     return BackboneWeights(

@@ -88,11 +88,7 @@ class ClsMaskSegmentationPipeline(Pipeline):
         if isinstance(image, np.ndarray) and bands not in (1, 3):
             # Multispectral: the array goes to the image processor as it is (C x H x W), its band count checked.
             array = channels_first(image, bands)
-            inputs = self.image_processor(images=array, return_tensors="pt")
-            inputs["target_size"] = torch.tensor([[array.shape[1], array.shape[2]]])
-            if labels is not None:
-                inputs["image_labels"] = self._label_vector(labels)
-            return inputs
+            return self._model_inputs(array, array.shape[1:], labels)
         if isinstance(image, np.ndarray):
             if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
                 image = np.moveaxis(channels_first(image, bands), 0, -1)  # a clear error for a wrong band count
@@ -115,9 +111,12 @@ class ClsMaskSegmentationPipeline(Pipeline):
             raise ValueError(f"Could not read image {source or type(image).__name__!r}: {error}") from error
         if self.model.config.num_channels == 3 and image.mode != "RGB":
             image = image.convert("RGB")
+        return self._model_inputs(image, (image.height, image.width), labels)
+
+    def _model_inputs(self, image, size: tuple[int, int], labels=None) -> dict:
         inputs = self.image_processor(images=image, return_tensors="pt")
         # Tensors only, one row per image, so batch_size > 1 collates and unbatches them like pixel_values.
-        inputs["target_size"] = torch.tensor([[image.height, image.width]])
+        inputs["target_size"] = torch.tensor([[int(size[0]), int(size[1])]])
         if labels is not None:
             inputs["image_labels"] = self._label_vector(labels)
         return inputs
