@@ -30,7 +30,6 @@ from modeling_clsmask import (
     ClsMaskConfig,
     ClsMaskForMultiLabelClassification,
     ClsMaskImageProcessor,
-    masks_from_class_maps,
 )
 from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
 from modeling_clsmask.training.arguments import (
@@ -281,8 +280,7 @@ CONFIG_FROM_ARGS = (
     "num_register_tokens", "token_mask_rate", "use_head_gates", "l0_penalty", "diversity_loss_coefficient",
     "classifier_type", "class_token_isolation", "patch_dropout", "gate_log_alpha_init", "attention_map_layer_ids",
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
-    "attention_map_refinement_sigma", "attention_map_refinement_dilations", "mask_assembly",
-    "attention_map_affinity_power",
+    "attention_map_refinement_sigma", "attention_map_refinement_dilations", "attention_map_affinity_power",
 )  # fmt: skip
 ARCHITECTURE_FROM_ARGS = (
     "patch_embedding_type", "conv_stem_depth", "image_size", "patch_size", "num_channels", "hidden_size",
@@ -290,24 +288,37 @@ ARCHITECTURE_FROM_ARGS = (
 )  # fmt: skip
 
 
-def build_model(
-    args, class_names: list[str], background_label_id: int | None, background_in_masks: bool = True
-) -> ClsMaskForMultiLabelClassification:
-    """A model from scratch, or around a pretrained backbone (`--init_from`), configured from the arguments.
-
-    `background_in_masks=False` (a background class that no mask contains): 'auto' leaves background off."""
-    id2label = dict(enumerate(class_names))
+def mask_settings(args, background_label_id: int | None, background_in_masks: bool = True) -> dict:
+    """The image processor's mask settings from the arguments. `background_in_masks=False` (a background class that
+    no mask contains): 'auto' leaves background off."""
     default_background = getattr(args, "auto_background_threshold", None)
     if default_background is None:
         default_background = REFINED_BACKGROUND if args.attention_map_refinement_iterations else RAW_BACKGROUND
     has_background = background_label_id is not None and background_in_masks
-    background = resolve_threshold(args.background_threshold, default_background if has_background else None)
+    return {
+        "background_threshold": resolve_threshold(
+            args.background_threshold, default_background if has_background else None
+        ),
+        "background_label_id": background_label_id or 0,
+        "mask_assembly": args.mask_assembly,
+    }
+
+
+def foreground_ids(processor: ClsMaskImageProcessor, num_labels: int) -> list[int]:
+    """Class ids scored as objects: all, less the background class when the processor paints background."""
+    background = processor.background_label_id if processor.background_threshold is not None else None
+    return [i for i in range(num_labels) if i != background]
+
+
+# The maps of one pass (no test-time scales, flips or refinement): `predict_class_maps` overrides for monitoring.
+ONE_PASS = {"scales": [1.0], "flip": False, "refinement_iterations": 0}
+
+
+def build_model(args, class_names: list[str]) -> ClsMaskForMultiLabelClassification:
+    """A model from scratch, or around a pretrained backbone (`--init_from`), configured from the arguments."""
+    id2label = dict(enumerate(class_names))
     fields = {name: getattr(args, name) for name in CONFIG_FROM_ARGS}
-    fields.update(
-        class_token_layers=args.class_token_layers or None,
-        background_threshold=background,
-        background_label_id=background_label_id or 0,
-    )
+    fields["class_token_layers"] = args.class_token_layers or None
     # Unless given (by the user or the preset): every block the class tokens take part in.
     map_layers = args.attention_map_layers or args.class_token_layers or args.num_hidden_layers
     if map_layers:
@@ -363,55 +374,57 @@ def freeze_early_layers(model: ClsMaskForMultiLabelClassification, count: int) -
 
 @torch.no_grad()
 def evaluate(
-    model, dataloader, accelerator, config, class_names, processor, num_visualizations=0, augment_maps=True
+    model, dataloader, accelerator, class_names, processor, num_visualizations=0, augment_maps=True
 ) -> tuple[dict, list]:
     """Classification metrics and, where masks exist, pseudo-mask mIoU (image labels and predictions).
 
-    `augment_maps=False` scores the one-pass maps (no test-time scales or flips): cheaper, for monitoring."""
+    `augment_maps=False` scores the one-pass maps (`ONE_PASS`: no test-time scales, flips or refinement): cheaper,
+    for monitoring."""
     model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    config = unwrapped.config
     num_labels = len(class_names)
-    background = config.background_threshold
-    foreground = [i for i in range(num_labels) if background is None or i != config.background_label_id]
+    foreground = foreground_ids(processor, num_labels)
     gathered = {"probs": [], "labels": [], "conf_gt": [], "conf_pred": [], "conf_base": [], "assign": []}
     panels = []
     for batch in tqdm(dataloader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
-        outputs = model(batch["pixel_values"], output_class_maps="mask" in batch, augment_maps=augment_maps)
-        probs = outputs.logits.float().sigmoid()
+        if "mask" not in batch:
+            probs = model(batch["pixel_values"]).logits.float().sigmoid()
+            gathered["probs"].append(accelerator.gather_for_metrics(probs).cpu())
+            gathered["labels"].append(accelerator.gather_for_metrics(batch["labels"]).cpu())
+            continue
+        with accelerator.autocast():  # the prepared forward has it; this method is called on the unwrapped model
+            outputs = unwrapped.predict_class_maps(batch["pixel_values"], **({} if augment_maps else ONE_PASS))
+        probs = outputs.class_probs
         items = {"probs": probs, "labels": batch["labels"]}
-        if "mask" in batch:
-            masks = batch["mask"]
-            size = tuple(masks.shape[-2:])
-            bg = config.background_label_id
-            assembly = config.mask_assembly
-            from_labels = masks_from_class_maps(
-                outputs.class_maps, probs, batch["labels"].bool(), size, background, bg, assembly=assembly
-            )
-            predicted = probs >= config.class_threshold
-            from_predictions = masks_from_class_maps(
-                outputs.class_maps, probs, predicted, size, background, bg, assembly=assembly
-            )
-            # Trivial baseline: every pixel takes the image's first (lowest-id) foreground label.
-            first = (batch["labels"][:, foreground] > 0).float().argmax(1)
-            baseline = torch.tensor(foreground, device=masks.device)[first][:, None, None].expand_as(masks)
-            items.update(
-                conf_gt=confusion_matrices(from_labels, masks, num_labels),
-                conf_pred=confusion_matrices(from_predictions, masks, num_labels),
-                conf_base=confusion_matrices(baseline, masks, num_labels),
-                assign=class_assignment_counts(outputs.class_maps, masks, batch["labels"], foreground),
-            )
-            if accelerator.is_main_process and len(panels) < num_visualizations:
-                for i in range(min(num_visualizations - len(panels), masks.shape[0])):
-                    present = batch["labels"][i].nonzero().flatten().tolist()
-                    panels.append(
-                        attention_panel(
-                            to_display_image(batch["pixel_values"][i], processor.image_mean, processor.image_std),
-                            outputs.class_maps[i],
-                            class_names,
-                            [c for c in present if c in foreground],
-                            from_labels[i].cpu().numpy(),
-                            masks[i].cpu().numpy(),
-                        )
+        masks = batch["mask"]
+        sizes = [tuple(masks.shape[-2:])] * masks.shape[0]
+        from_labels = torch.stack(
+            processor.post_process_semantic_segmentation(outputs, sizes, classes=batch["labels"].bool())
+        )
+        from_predictions = torch.stack(processor.post_process_semantic_segmentation(outputs, sizes))
+        # Trivial baseline: every pixel takes the image's first (lowest-id) foreground label.
+        first = (batch["labels"][:, foreground] > 0).float().argmax(1)
+        baseline = torch.tensor(foreground, device=masks.device)[first][:, None, None].expand_as(masks)
+        items.update(
+            conf_gt=confusion_matrices(from_labels, masks, num_labels),
+            conf_pred=confusion_matrices(from_predictions, masks, num_labels),
+            conf_base=confusion_matrices(baseline, masks, num_labels),
+            assign=class_assignment_counts(outputs.class_maps, masks, batch["labels"], foreground),
+        )
+        if accelerator.is_main_process and len(panels) < num_visualizations:
+            for i in range(min(num_visualizations - len(panels), masks.shape[0])):
+                present = batch["labels"][i].nonzero().flatten().tolist()
+                panels.append(
+                    attention_panel(
+                        to_display_image(batch["pixel_values"][i], processor.image_mean, processor.image_std),
+                        outputs.class_maps[i],
+                        class_names,
+                        [c for c in present if c in foreground],
+                        from_labels[i].cpu().numpy(),
+                        masks[i].cpu().numpy(),
                     )
+                )
         for key, value in accelerator.gather_for_metrics(items).items():
             gathered[key].append(value.cpu())
     model.train()
@@ -483,12 +496,11 @@ def print_results(metrics: dict, args) -> None:
             )
 
 
-def backbone_baselines(args, spec, encoder, config, has_test: bool) -> dict:
+def backbone_baselines(args, spec, encoder, config, processor, has_test: bool) -> dict:
     """What the frozen `--init_from` backbone gives without the method, on the same splits and metric (label-only,
     CAM of a linear head, fully supervised linear probe): `baseline_*` and `test_baseline_*` entries."""
     logger.info(f"Baselines of the frozen backbone ({args.baseline_train_samples} training images) ...")
-    background = config.background_threshold
-    foreground = [i for i in range(len(spec.class_names)) if background is None or i != config.background_label_id]
+    foreground = foreground_ids(processor, len(spec.class_names))
     train = eval_dataloader(
         spec.dataset[args.train_split], encoder, args.per_device_eval_batch_size, args.baseline_train_samples
     )
@@ -543,11 +555,13 @@ def main(argv: list[str] | None = None) -> dict:
             + ("painted (pass --background_threshold to paint it anyway)." if args.background_threshold == AUTO else
                f"painted at --background_threshold {args.background_threshold} although no mask has it.")
         )  # fmt: skip
-    model = build_model(args, spec.class_names, spec.background_label_id, spec.background_in_masks)
-    processor = ClsMaskImageProcessor.from_model_config(model.config, **normalisation(args, model))
-    encoder = ExampleEncoder(
-        spec, model.config.num_channels, model.config.image_grid_size, processor.image_mean, processor.image_std
+    model = build_model(args, spec.class_names)
+    processor = ClsMaskImageProcessor.from_model_config(
+        model.config,
+        **normalisation(args, model),
+        **mask_settings(args, spec.background_label_id, spec.background_in_masks),
     )
+    encoder = ExampleEncoder(spec, processor)
     train_loader = train_dataloader(
         spec.dataset[args.train_split], encoder, args.per_device_train_batch_size, args.seed, args.max_train_samples
     )
@@ -586,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
         shown = args.num_visualizations if is_last else 0
         # Epochs before the last score the one-pass maps (the test-time scales and flips cost ~5x the evaluation).
         metrics, panels = evaluate(
-            model, eval_loader, accelerator, unwrapped.config, spec.class_names, processor, shown, augment_maps=is_last
+            model, eval_loader, accelerator, spec.class_names, processor, shown, augment_maps=is_last
         )
         metrics.update(epoch=epoch, step=steps, train_loss=train_loss)
         gates = unwrapped.clsmask.gate_values()
@@ -611,11 +625,11 @@ def main(argv: list[str] | None = None) -> dict:
         test_loader = accelerator.prepare(
             eval_dataloader(spec.dataset[args.test_split], encoder, args.per_device_eval_batch_size)
         )
-        test_metrics, _ = evaluate(model, test_loader, accelerator, unwrapped.config, spec.class_names, processor)
+        test_metrics, _ = evaluate(model, test_loader, accelerator, spec.class_names, processor)
         metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
         logger.info(f"test: { {k: round(v, 4) for k, v in test_metrics.items() if isinstance(v, float)} }")
     if args.init_from and spec.has_masks and args.baseline_train_samples and accelerator.is_main_process:
-        metrics.update(backbone_baselines(args, spec, encoder, unwrapped.config, has_test))
+        metrics.update(backbone_baselines(args, spec, encoder, unwrapped.config, processor, has_test))
     if args.with_tracking:
         accelerator.end_training()
     accelerator.wait_for_everyone()

@@ -9,9 +9,10 @@
 
 1. Pseudo-masks for the training split, batched, from the image-level labels (the usual WSSS protocol; labels come
    from a labels column or the masks) or, with `--pseudo_label_source predictions`, from the model's predictions,
-   with the checkpoint's test-time scales, flips and refinement (`attention_map_scales` / `attention_map_flip` /
-   `attention_map_refinement_iterations`, overridable with `--scales` / `--flip` / `--refinement_iterations`);
-   saved as a `datasets` dataset (image + pseudo_mask) with `save_to_disk` (and `--push_pseudo_masks_to_hub`).
+   through the same two calls as the pipeline: `predict_class_maps` (the checkpoint's scales, flips and refinement,
+   overridable with `--scales` / `--flip` / `--refinement_iterations`) and the stage-1 image processor's
+   `post_process_semantic_segmentation`, at each image's own size; saved as a `datasets` dataset (image +
+   pseudo_mask) with `save_to_disk` (and `--push_pseudo_masks_to_hub`).
 2. A segmentation model (a small UperNet-ResNet from scratch, `--seg_architecture segformer`, or
    `--seg_model_name_or_path`) trained on them with Accelerate and
    evaluated (mIoU, per class) on the validation split's real masks; `--fully_supervised_baseline` trains the same
@@ -47,10 +48,10 @@ from transformers import (
     UperNetForSemanticSegmentation,
 )
 
-from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor, masks_from_class_maps
+from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor
 from modeling_clsmask.backbones import normalisation
 from modeling_clsmask.configuration_clsmask import check_attention_map_scales, check_refinement_iterations
-from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
+from modeling_clsmask.pseudo_masks import AUTO, nearest_resize, resolve_threshold
 from modeling_clsmask.training.arguments import (
     DataArguments,
     add_data_arguments,
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--background_threshold",
         type=optional_fraction,
         default=AUTO,
-        help="'auto' (the stage-1 config's), 'none' (every pixel gets a class) or a number in [0, 1].",
+        help="'auto' (the stage-1 image processor's), 'none' (every pixel gets a class) or a number in [0, 1].",
     )
     pseudo.add_argument(
         "--pseudo_label_source",
@@ -182,45 +183,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) -> tuple[datasets.Dataset, dict]:
-    """Pseudo-label a split: returns a dataset (image, pseudo_mask[, mask]) and, with real masks, its mIoU."""
+def stage1_processor(args, config) -> ClsMaskImageProcessor:
+    """The stage-1 checkpoint's image processor (its normalisation and mask settings), with this run's
+    `--background_threshold`; a checkpoint without one gets the config's size and bands and no background."""
+    try:
+        processor = ClsMaskImageProcessor.from_pretrained(args.model_name_or_path)
+    except OSError:
+        logger.warning(f"{args.model_name_or_path} has no preprocessor_config.json: using the config's image size.")
+        processor = ClsMaskImageProcessor.from_model_config(config)
+    processor.background_threshold = resolve_threshold(args.background_threshold, processor.background_threshold)
+    return processor
+
+
+def generate_pseudo_masks(
+    model, processor: ClsMaskImageProcessor, spec: DataSpec, split: str, args, accelerator
+) -> tuple[datasets.Dataset, dict]:
+    """Pseudo-label a split at each image's own size: returns a dataset (image, pseudo_mask[, mask]) and, with real
+    masks, its mIoU. Maps: `predict_class_maps` with this run's overrides; masks: the stage-1 processor."""
     config = model.config
-    processor = ClsMaskImageProcessor.from_model_config(config)
-    size = config.image_grid_size
-    encoder = ExampleEncoder(spec, config.num_channels, size, processor.image_mean, processor.image_std)
+    size = (processor.size.height, processor.size.width)
+    encoder = ExampleEncoder(spec, processor, keep_sizes=True)
     data = first_rows(
         spec.dataset[split], args.max_train_samples if split == args.train_split else args.max_eval_samples
     )
     source = args.pseudo_label_source
-    background = resolve_threshold(args.background_threshold, config.background_threshold)
+    overrides = {"scales": args.scales, "flip": args.flip, "refinement_iterations": args.refinement_iterations}
     loader = eval_dataloader(data, encoder, args.pseudo_batch_size)
     masks, confusion = [], 0
     num_labels = config.num_labels
     model.eval().to(accelerator.device)
     for batch in tqdm(loader, desc=f"pseudo-masks ({split})", disable=not accelerator.is_local_main_process):
         pixels = batch["pixel_values"].to(accelerator.device)
-        with accelerator.autocast(), torch.no_grad():  # bf16 with --mixed_precision bf16 (masks are made in fp32)
-            # Averaged over the configured scales and flips, and refined with the image where configured.
-            outputs = model(pixels, output_class_maps=True)
-        class_maps, probs = outputs.class_maps.float(), outputs.logits.float().sigmoid()
-        present = batch["labels"].bool().to(pixels.device) if source == "labels" else probs >= config.class_threshold
-        pseudo = masks_from_class_maps(
-            class_maps, probs, present, size, background, config.background_label_id, assembly=config.mask_assembly
-        )
-        masks.append(pseudo.cpu())
+        labels = batch["labels"].to(pixels.device) if source == "labels" else None
+        with accelerator.autocast():  # bf16 with --mixed_precision bf16 (masks are made in fp32)
+            outputs = model.predict_class_maps(pixels, image_labels=labels, **overrides)
+        sizes = batch["original_size"].tolist()
+        pseudo = processor.post_process_semantic_segmentation(outputs, sizes)
+        masks.extend(mask.cpu().to(torch.uint8).numpy() for mask in pseudo)
         if "mask" in batch:
-            confusion = confusion + confusion_matrices(pseudo.cpu(), batch["mask"], num_labels).sum(0)
-    masks = torch.cat(masks).to(torch.uint8).numpy()
+            resized = [nearest_resize(mask, size) for mask in pseudo]
+            confusion = confusion + confusion_matrices(torch.stack(resized).cpu(), batch["mask"], num_labels).sum(0)
 
     image_column = spec.image_column
 
     def attach(example, index):
-        image = example[image_column]
-        original = (image.height, image.width) if isinstance(image, Image.Image) else np.asarray(image).shape[:2]
-        pseudo = Image.fromarray(masks[index], mode="L")
-        if tuple(original) != tuple(size):
-            pseudo = pseudo.resize((original[1], original[0]), Image.NEAREST)
-        return {"pseudo_mask": pseudo}
+        return {"pseudo_mask": Image.fromarray(masks[index], mode="L")}
 
     features = data.features.copy()
     features["pseudo_mask"] = datasets.Image()
@@ -229,10 +236,14 @@ def generate_pseudo_masks(model, spec: DataSpec, split: str, args, accelerator) 
     pseudo_data = pseudo_data.select_columns(keep)
     report = {
         "pseudo_label_source": source,
-        "scales": config.attention_map_scales,
-        "flip": config.attention_map_flip,
-        "refinement_iterations": config.attention_map_refinement_iterations,
-        "background_threshold": background,
+        "scales": config.attention_map_scales if args.scales is None else args.scales,
+        "flip": config.attention_map_flip if args.flip is None else args.flip,
+        "refinement_iterations": (
+            config.attention_map_refinement_iterations
+            if args.refinement_iterations is None
+            else args.refinement_iterations
+        ),
+        "background_threshold": processor.background_threshold,
         "mixed_precision": accelerator.mixed_precision,
     }
     if isinstance(confusion, torch.Tensor):
@@ -399,16 +410,22 @@ def train_segmenter(
     class_names = eval_spec.class_names
     model = build_segmenter(args, class_names, image_size, num_channels)
     processor = segmentation_processor(args, image_size, num_channels)
-    mean, std, size = processor.image_mean, processor.image_std, (image_size, image_size)
+    # The segmenter's normalisation, through the one preprocessing implementation of stage 1 and its pipeline.
+    pixels = ClsMaskImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=processor.image_mean,
+        image_std=processor.image_std,
+        do_rescale=processor.do_rescale,
+    )
     train_loader = train_dataloader(
         train_spec.dataset[args.train_split],
-        ExampleEncoder(train_spec, num_channels, size, mean, std),
+        ExampleEncoder(train_spec, pixels),
         args.per_device_train_batch_size,
         args.seed,
     )
     eval_loader = eval_dataloader(
         eval_spec.dataset[args.validation_split],
-        ExampleEncoder(eval_spec, num_channels, size, mean, std),
+        ExampleEncoder(eval_spec, pixels),
         args.per_device_eval_batch_size,
         args.max_eval_samples,
     )
@@ -432,7 +449,8 @@ def train_segmenter(
         with_tracking=args.with_tracking, name=name,
     )  # fmt: skip
     metrics, panels = evaluate_segmenter(
-        model, eval_loader, accelerator, len(class_names), args.num_visualizations, class_names, mean, std,
+        model, eval_loader, accelerator, len(class_names), args.num_visualizations, class_names,
+        processor.image_mean, processor.image_std,
         pseudo_masks,
     )  # fmt: skip
     logger.info(f"{name} segmentation: mIoU {metrics['mean_iou']:.4f}")
@@ -444,8 +462,11 @@ def make_pseudo_masks(args, accelerator, stage1, spec: DataSpec) -> tuple[datase
     pseudo_dir = args.pseudo_masks_dir or os.path.join(args.output_dir, "pseudo_masks")
     report = {}
     if accelerator.is_main_process:
-        pseudo_train, report = generate_pseudo_masks(stage1, spec, args.train_split, args, accelerator)
-        pseudo_val, val_report = generate_pseudo_masks(stage1, spec, args.validation_split, args, accelerator)
+        processor = stage1_processor(args, stage1.config)
+        pseudo_train, report = generate_pseudo_masks(stage1, processor, spec, args.train_split, args, accelerator)
+        pseudo_val, val_report = generate_pseudo_masks(
+            stage1, processor, spec, args.validation_split, args, accelerator
+        )
         report.update({f"validation_{k}": v for k, v in val_report.items() if k.startswith("pseudo_mask")})
         datasets.DatasetDict({args.train_split: pseudo_train, args.validation_split: pseudo_val}).save_to_disk(
             pseudo_dir
@@ -476,7 +497,9 @@ def save_outputs(args, model, processor, results: dict, panels: list, spec: Data
     card_metrics.update({k: v for k, v in results.items() if isinstance(v, float)})
     card_args = {**vars(args), "init_from": args.seg_model_name_or_path}
     write_model_card(args.output_dir, model.config, card_metrics, spec, card_args, stage="segmentation")
-    line = f"segmentation mIoU (validation, trained on pseudo-masks): {results['segmentation_mean_iou']:.4f}"
+    line = (
+        f"segmentation mIoU ({args.validation_split}, trained on pseudo-masks): {results['segmentation_mean_iou']:.4f}"
+    )
     if "fully_supervised_mean_iou" in results:
         line += (
             f" | fully supervised: {results['fully_supervised_mean_iou']:.4f}"
@@ -500,13 +523,6 @@ def main(argv: list[str] | None = None) -> dict:
     stage1 = load_pretrained(
         ClsMaskForMultiLabelClassification.from_pretrained, args.model_name_or_path, "--model_name_or_path"
     )
-    # --scales / --flip / --refinement_iterations override the checkpoint's processing of the maps for this run.
-    if args.scales is not None:
-        stage1.config.attention_map_scales = list(args.scales)
-    if args.flip is not None:
-        stage1.config.attention_map_flip = args.flip
-    if args.refinement_iterations is not None:
-        stage1.config.attention_map_refinement_iterations = args.refinement_iterations
     with accelerator.main_process_first():
         spec = load_data(DataArguments.from_namespace(args))
     stage1_classes = [stage1.config.id2label[i] for i in range(stage1.config.num_labels)]

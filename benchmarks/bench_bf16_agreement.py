@@ -24,7 +24,6 @@ import torch  # noqa: E402
 from diagnose_maps import parse_args  # noqa: E402
 
 from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor  # noqa: E402
-from modeling_clsmask.pseudo_masks import masks_from_class_maps  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments  # noqa: E402
 from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, first_rows, load_data  # noqa: E402
 from modeling_clsmask.training.metrics import confusion_matrices, iou_from_confusion  # noqa: E402
@@ -38,9 +37,7 @@ def main(argv=None) -> dict:
     config = model.config
     spec = load_data(DataArguments.from_namespace(args))
     data = first_rows(spec.dataset[args.split], args.max_samples)
-    encoder = ExampleEncoder(
-        spec, config.num_channels, config.image_grid_size, processor.image_mean, processor.image_std
-    )
+    encoder = ExampleEncoder(spec, processor)
     variants = {
         "fp32": (model, False),
         "bf16 autocast": (model, True),
@@ -51,13 +48,10 @@ def main(argv=None) -> dict:
         maps[name], masks[name], confusion[name], start = [], [], 0, time.perf_counter()
         for batch in eval_dataloader(data, encoder, args.batch_size):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = net(batch["pixel_values"], output_class_maps=True)
-            class_maps, probs = out.class_maps.float(), out.logits.float().sigmoid()
-            size = tuple(batch["mask"].shape[-2:])
-            mask = masks_from_class_maps(
-                class_maps, probs, batch["labels"].bool(), size, config.background_threshold,
-                config.background_label_id,
-            )  # fmt: skip
+                out = net.predict_class_maps(batch["pixel_values"], image_labels=batch["labels"])
+            class_maps = out.class_maps.float()
+            sizes = [tuple(batch["mask"].shape[-2:])] * batch["mask"].shape[0]
+            mask = torch.stack(processor.post_process_semantic_segmentation(out, sizes))
             flat = class_maps.flatten(2)
             maps[name].append(flat >= flat.mean(-1, keepdim=True))  # the per-class threshold decision, per patch
             masks[name].append(mask)

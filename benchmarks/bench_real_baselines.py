@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from modeling_clsmask import ClsMaskImageProcessor  # noqa: E402
 from modeling_clsmask.backbones import normalisation  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments  # noqa: E402
 from modeling_clsmask.training.baselines import frozen_baselines  # noqa: E402
@@ -39,7 +40,12 @@ def main(argv=None) -> dict:
     spec = load_data(DataArguments.from_namespace(args))
     mean, std = normalisation(args.init_from)
     encoder = ExampleEncoder(
-        spec, 3, (args.image_size, args.image_size), mean or [0.485, 0.456, 0.406], std or [0.229, 0.224, 0.225]
+        spec,
+        ClsMaskImageProcessor(
+            size={"height": args.image_size, "width": args.image_size},
+            image_mean=mean or [0.485, 0.456, 0.406],
+            image_std=std or [0.229, 0.224, 0.225],
+        ),
     )
     background = spec.background_label_id if spec.background_in_masks else None
     foreground = [i for i in range(len(spec.class_names)) if i != background]

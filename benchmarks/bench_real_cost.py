@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 from transformers import Dinov2Config, Dinov2Model  # noqa: E402
 
-from modeling_clsmask import ClsMaskForSemanticSegmentation  # noqa: E402
+from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor  # noqa: E402
 from modeling_clsmask.training.presets import PRESETS  # noqa: E402
 
 
@@ -46,33 +46,34 @@ def main(argv=None) -> dict:
             image_size=args.size,
             class_token_layers=preset["class_token_layers"],
             attention_map_layers=preset["attention_map_layers"],
-            mask_assembly=preset["mask_assembly"],
         ).eval()
     config = model.config
     pixels = torch.randn(args.batch, 3, args.size, args.size)
     labels = (torch.rand(args.batch, args.classes) < 0.15).long()
     labels[:, 0] = 1
-    from modeling_clsmask.pseudo_masks import masks_from_class_maps
-
+    processor = ClsMaskImageProcessor.from_model_config(config, mask_assembly=preset["mask_assembly"])
+    shipped = {
+        "scales": preset["attention_map_scales"],
+        "flip": preset["attention_map_flip"],
+        "affinity_power": preset["attention_map_affinity_power"],
+        "refinement_iterations": preset["attention_map_refinement_iterations"],
+    }
     variants = {
-        "one raw pass": dict(augment=False, power=0.0, refinement=0),
-        "shipped preset (affinity, argmax)": dict(augment=True, power=preset["attention_map_affinity_power"],
-                                                  refinement=preset["attention_map_refinement_iterations"]),
-        "preset + 10 refinement rounds": dict(augment=True, power=preset["attention_map_affinity_power"],
-                                              refinement=10),
-    }  # fmt: skip
+        "one raw pass": None,
+        "shipped preset (affinity, argmax)": shipped,
+        "preset + 10 refinement rounds": {**shipped, "refinement_iterations": 10},
+    }
     seconds = {}
     for name, variant in variants.items():
-        config.attention_map_affinity_power = variant["power"]
-        config.attention_map_refinement_iterations = variant["refinement"]
         times = []
         for _ in range(args.repeats + 1):  # the first call warms up
             start = time.perf_counter()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(pixels, image_labels=labels, augment_maps=variant["augment"])
-            masks_from_class_maps(
-                out.class_maps.float(), out.class_probs, out.present, (args.size, args.size), assembly="argmax"
-            )
+                if variant is None:
+                    out = model(pixels, image_labels=labels)
+                else:
+                    out = model.predict_class_maps(pixels, image_labels=labels, **variant)
+            processor.post_process_semantic_segmentation(out, [(args.size, args.size)] * args.batch)
             times.append(time.perf_counter() - start)
         seconds[name] = sorted(times[1:])[len(times[1:]) // 2]
     raw = seconds["one raw pass"]

@@ -55,7 +55,7 @@ METRICS = (
 # Config fields that act only at inference: what `--rescore` takes from the current defaults.
 MAP_FIELDS = (
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
-    "attention_map_refinement_dilations", "attention_map_refinement_sigma", "background_threshold",
+    "attention_map_refinement_dilations", "attention_map_refinement_sigma",
 )  # fmt: skip
 
 
@@ -76,16 +76,17 @@ def rescore(folder: str, variant: str) -> dict:
         if name not in MAP_FIELDS and hasattr(args, name):
             setattr(args, name, value)
     spec = load_data(DataArguments.from_namespace(args))
-    current = run_pretrain.build_model(args, spec.class_names, spec.background_label_id).config
+    current = run_pretrain.build_model(args, spec.class_names).config
     model = ClsMaskForMultiLabelClassification.from_pretrained(
         folder, **{name: getattr(current, name) for name in MAP_FIELDS}
     ).eval()
     processor = ClsMaskImageProcessor.from_pretrained(folder)
-    encoder = ExampleEncoder(spec, model.config.num_channels, model.config.image_grid_size,
-                             processor.image_mean, processor.image_std)  # fmt: skip
+    for name, value in run_pretrain.mask_settings(args, spec.background_label_id, spec.background_in_masks).items():
+        setattr(processor, name, value)  # the mask settings the current code gives the variant
+    encoder = ExampleEncoder(spec, processor)
     loader = eval_dataloader(spec.dataset[args.test_split], encoder, args.per_device_eval_batch_size)
     with torch.no_grad():
-        metrics, _ = run_pretrain.evaluate(model, loader, Accelerator(), model.config, spec.class_names, processor)
+        metrics, _ = run_pretrain.evaluate(model, loader, Accelerator(), spec.class_names, processor)
     return {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 

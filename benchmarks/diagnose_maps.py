@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor  # noqa: E402
-from modeling_clsmask.pseudo_masks import masks_from_class_maps  # noqa: E402
+from modeling_clsmask.modeling_clsmask import ClsMaskSemanticSegmenterOutput  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments  # noqa: E402
 from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, first_rows, load_data  # noqa: E402
 from modeling_clsmask.training.metrics import (  # noqa: E402
@@ -112,16 +112,14 @@ def main(argv=None) -> dict:
     if args.split not in spec.dataset:
         raise ValueError(f"Split {args.split!r} not found; the dataset has {list(spec.dataset)}.")
     data = first_rows(spec.dataset[args.split], args.max_samples)
-    encoder = ExampleEncoder(
-        spec, config.num_channels, config.image_grid_size, processor.image_mean, processor.image_std
-    )
+    encoder = ExampleEncoder(spec, processor)
     loader = eval_dataloader(data, encoder, args.batch_size)
 
     base = model.clsmask
     layers = base.class_attention_layers(config.num_hidden_layers - base.first_class_token_layer())
     num_labels, num_heads = config.num_labels, config.num_attention_heads
-    background = config.background_threshold
-    bg_id = config.background_label_id
+    background = processor.background_threshold
+    bg_id = processor.background_label_id
     foreground = [i for i in range(num_labels) if background is None or i != bg_id]
     # Variants: (layer, None) = heads averaged as the model does, one pass; (layer, h) = head h alone; ("sum", None) =
     # the checkpoint's own maps (its layers, test-time scales and flips, refinement).
@@ -141,7 +139,7 @@ def main(argv=None) -> dict:
             one_hot[:, num_labels] += one_hot[:, bg_id]
             one_hot[:, bg_id] = 0
         patch_share = F.adaptive_avg_pool2d(one_hot, grid).flatten(2)  # (B, K, N)
-        configured = model(pixels)  # the checkpoint's own maps (scales, flips, refinement) and probabilities
+        configured = model.predict_class_maps(pixels)  # the checkpoint's own maps (scales, flips, refinement)
         probs = configured.class_probs
         all_labels.append(labels)
         layer_maps = {}
@@ -157,9 +155,9 @@ def main(argv=None) -> dict:
                 attention_mass(torch.einsum("bhct,h->bct", attention, weights), patch_share, labels, num_patches)
             )
             for variant, maps in maps_by_variant.items():
-                accumulate(variant, maps, probs, labels, masks, confusion, assign, num_labels, foreground, config)
+                accumulate(variant, maps, probs, labels, masks, confusion, assign, num_labels, foreground, processor)
         maps = configured.class_maps
-        accumulate(("sum", None), maps, probs, labels, masks, confusion, assign, num_labels, foreground, config)
+        accumulate(("sum", None), maps, probs, labels, masks, confusion, assign, num_labels, foreground, processor)
         if len(pictures) < args.num_visualizations:
             pictures.append((pixels, labels, masks, layer_maps))
 
@@ -217,10 +215,9 @@ def main(argv=None) -> dict:
     return report
 
 
-def accumulate(variant, maps, probs, labels, masks, confusion, assign, num_labels, foreground, config) -> None:
-    pseudo = masks_from_class_maps(
-        maps, probs, labels.bool(), tuple(masks.shape[-2:]), config.background_threshold, config.background_label_id
-    )
+def accumulate(variant, maps, probs, labels, masks, confusion, assign, num_labels, foreground, processor) -> None:
+    outputs = ClsMaskSemanticSegmenterOutput(class_maps=maps, class_probs=probs, present=labels.bool())
+    pseudo = torch.stack(processor.post_process_semantic_segmentation(outputs, [tuple(masks.shape[-2:])] * len(maps)))
     confusion[variant] = confusion[variant] + confusion_matrices(pseudo, masks, num_labels).sum(0, keepdim=True)
     assign[variant].append(class_assignment_counts(maps, masks, labels, foreground))
 

@@ -37,7 +37,9 @@ class ClsMaskConfig(PreTrainedConfig):
     Configuration of [`ClsMaskModel`]: a ViT whose sequence is `C` class tokens (one per label), the patch tokens
     and `num_register_tokens` [REG] tokens.
 
-    The ViT fields keep the names of `ViTConfig` so that ViT/DeiT checkpoints map onto this model one to one.
+    The ViT fields keep the names of `ViTConfig` so that ViT/DeiT checkpoints map onto this model one to one. The
+    `attention_map_*` fields are the defaults of `predict_class_maps`, which makes the maps; how maps become masks
+    (background, assembly) is the image processor's part (`ClsMaskImageProcessor`).
 
     Args:
         num_channels (`int`): input bands; any count works (e.g. 13 for Sentinel-2).
@@ -68,10 +70,6 @@ class ClsMaskConfig(PreTrainedConfig):
         attention_map_refinement_sigma (`float`): colour tolerance of the refinement, in units of the local spread
             of the input bands: larger lets map mass cross weaker edges.
         class_threshold (`float`): probability at which a class counts as predicted.
-        background_threshold (`float`, *optional*): `None` means every pixel gets a foreground class (as in
-            DFC2020). A float makes pixels whose best normalised class score is below it background.
-        background_label_id (`int`): label id used for background when `background_threshold` is set. Its class
-            token is never used to paint pixels.
         diversity_loss_coefficient (`float`): weight of the public code's optional diversity loss (not in the
             paper): `||G - I||_F` of the Gram matrix of the L2-normalised maps of the classes present in the image,
             pushing the maps of co-occurring classes apart.
@@ -96,9 +94,6 @@ class ClsMaskConfig(PreTrainedConfig):
         backbone_family (`str`, *optional*): the pretrained family the weights came from (`vit`, `deit`, `dinov2`,
             `dinov2_with_registers`, `clip`); a record, the computation is set by the fields below.
         pre_layernorm (`bool`): a layer norm on the token sequence before the first block (CLIP's vision tower).
-        mask_assembly (`str`): how class maps become a mask (`pseudo_masks.masks_from_class_maps`): `"threshold"`
-            (the paper: above-mean regions painted in score order, gaps filled by the nearest class) or `"argmax"`
-            (each pixel takes the present class with the highest normalised map).
         attention_map_affinity_power (`float`): at inference, propagate each class map over patches of like
             features, `m_i <- sum_j A_ij m_j` with `A_ij` proportional to `max(cos(p_i, p_j), 0) ** power` of the final
             patch tokens (the patch affinity MCTformer and ToCo use to complete class-token maps). A pretrained
@@ -138,8 +133,6 @@ class ClsMaskConfig(PreTrainedConfig):
     attention_map_refinement_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
     attention_map_refinement_sigma: float = 0.5
     class_threshold: float = 0.5
-    background_threshold: float | None = None
-    background_label_id: int = 0
     diversity_loss_coefficient: float = 0.0
     patch_embedding_type: str = "conv"
     conv_stem_depth: int = 1
@@ -151,7 +144,6 @@ class ClsMaskConfig(PreTrainedConfig):
     gate_log_alpha_init: float = 3.0
     backbone_family: str | None = None
     pre_layernorm: bool = False
-    mask_assembly: str = "threshold"
     attention_map_affinity_power: float = 0.0
 
     def __post_init__(self, **kwargs):
@@ -177,7 +169,6 @@ class ClsMaskConfig(PreTrainedConfig):
             ("patch_embedding_type", ("conv", "patchify")),
             ("classifier_type", ("shared", "flatten")),
             ("weight_init", ("fan_in", "normal")),
-            ("mask_assembly", ("threshold", "argmax")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
@@ -218,10 +209,6 @@ class ClsMaskConfig(PreTrainedConfig):
         self.attention_map_refinement_dilations = [int(d) for d in self.attention_map_refinement_dilations]
         if not self.gate_limit_low < 0.0 < 1.0 < self.gate_limit_high:
             raise ValueError("Hard Concrete stretch limits must satisfy gate_limit_low < 0 < 1 < gate_limit_high.")
-        if self.background_threshold is not None and not 0 <= self.background_label_id < self.num_labels:
-            raise ValueError(
-                f"background_label_id {self.background_label_id} is not a label id (num_labels={self.num_labels})."
-            )
 
     @property
     def image_grid_size(self) -> tuple[int, int]:

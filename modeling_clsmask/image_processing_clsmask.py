@@ -1,4 +1,5 @@
-"""Image processor for the class-token ViT: resize, rescale, normalise (Pillow/NumPy backend), and pseudo-masks."""
+"""Image processor for the class-token ViT: resize, rescale, normalise (NumPy/torch), and pseudo-masks. Training
+preprocesses through it too, so a model sees the same pixels in training and in the pipeline."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
 from transformers.utils import logging
 
-from .pseudo_masks import AUTO, masks_from_class_maps, resolve_threshold
+from .pseudo_masks import AUTO, MASK_ASSEMBLIES, masks_from_class_maps, resolve_threshold
 
 
 logger = logging.get_logger(__name__)
@@ -93,10 +94,14 @@ def channels_first(array: np.ndarray, num_channels: int) -> np.ndarray:
 
 
 class ClsMaskImageProcessor(PilBackend):
-    """ViT-style preprocessing that also accepts any number of bands (e.g. 13-band Sentinel-2 arrays).
+    """ViT-style preprocessing that also accepts any number of bands (e.g. 13-band Sentinel-2 arrays), and the one
+    place where class maps become masks (`post_process_semantic_segmentation`).
 
-    `background_threshold` and `background_label_id` mirror the model config; they are the defaults of
-    `post_process_semantic_segmentation` so that the stock image-segmentation pipeline paints background.
+    Mask settings (saved in preprocessor_config.json, nowhere else): `background_threshold` (`None`: every pixel
+    gets a class; a number in [0, 1]: pixels whose best normalised class score is below it become
+    `background_label_id`, whose own map never paints) and `mask_assembly` (`"threshold"`, the paper: above-mean
+    regions painted in score order, gaps filled by the nearest class; `"argmax"`: each pixel takes the present class
+    with the highest normalised map).
     """
 
     resample = PILImageResampling.BILINEAR
@@ -116,13 +121,16 @@ class ClsMaskImageProcessor(PilBackend):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.background_threshold = background_threshold
-        self.background_label_id = background_label_id
+        if mask_assembly not in MASK_ASSEMBLIES:
+            raise ValueError(f"mask_assembly must be one of {MASK_ASSEMBLIES}, got {mask_assembly!r}.")
+        self.background_threshold = resolve_threshold(background_threshold, None)
+        self.background_label_id = int(background_label_id)
         self.mask_assembly = mask_assembly
 
     @classmethod
     def from_model_config(cls, config, **kwargs) -> "ClsMaskImageProcessor":
-        """A processor matching a `ClsMaskConfig`: its image size, band count and background settings."""
+        """A processor matching a `ClsMaskConfig` (its image size and band count); `kwargs` set the rest (e.g.
+        `background_threshold`, `image_mean`)."""
         height, width = config.image_grid_size
         defaults = {"size": {"height": height, "width": width}}
         if config.num_channels != 3:
@@ -130,12 +138,7 @@ class ClsMaskImageProcessor(PilBackend):
             defaults["image_std"] = [1.0] * config.num_channels
             defaults["do_rescale"] = False
         defaults.update(kwargs)
-        return cls(
-            background_threshold=config.background_threshold,
-            background_label_id=config.background_label_id,
-            mask_assembly=config.mask_assembly,
-            **defaults,
-        )
+        return cls(**defaults)
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         """Like the Pillow backend, but channel-last arrays with any band count are accepted, and (when rescaling
@@ -151,6 +154,8 @@ class ClsMaskImageProcessor(PilBackend):
                 )
             if image.mode != "RGB" and bands == 3:
                 image = image.convert("RGB")  # grey, palette, RGBA inputs for an RGB model
+            elif image.mode != "L" and bands == 1:
+                image = image.convert("L")
         elif isinstance(image, np.ndarray) and input_data_format is None:
             rgb_like = bands == 3 and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] in (1, 3, 4)
             if image.ndim == 2 and bands == 3:
@@ -165,9 +170,10 @@ class ClsMaskImageProcessor(PilBackend):
         )
 
     def resize(self, image: np.ndarray, size, resample=None, **kwargs) -> np.ndarray:
-        """Pillow for 8-bit 1/3/4-channel images; bilinear torch interpolation otherwise (floats, many bands)."""
-        if image.dtype == np.uint8 and image.shape[0] in (1, 3, 4):
-            return super().resize(image, size, resample=resample, **kwargs)
+        """Bilinear, antialiased torch interpolation in float32 for every input (8-bit or not, any band count): the
+        one resize of training (`training.data.ExampleEncoder` calls this processor) and inference."""
+        if tuple(image.shape[-2:]) == (size.height, size.width):
+            return image.astype(np.float32)
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
         out = torch.nn.functional.interpolate(
             tensor, size=(size.height, size.width), mode="bilinear", align_corners=False, antialias=True
@@ -179,18 +185,18 @@ class ClsMaskImageProcessor(PilBackend):
         outputs,
         target_sizes: list[tuple[int, int]] | None = None,
         background_threshold: float | str | None = AUTO,
-        background_label_id: int | None = None,
+        classes: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Pseudo-masks (paper, Sec. 3) as a list of (H, W) label tensors, one per image.
+        """Pseudo-masks (paper, Sec. 3) as a list of (H, W) label tensors, one per image: the one path from model
+        outputs to masks (the pipeline, the training scripts and the benchmarks all call it).
 
-        `outputs` is a `ClsMaskSemanticSegmenterOutput`; the classes used are `outputs.present` (predicted, or the
-        given image labels). `target_sizes` gives each image's (H, W); without it, masks have the class maps' own
-        (patch-grid) resolution. `background_threshold="auto"` (default) means "use this processor's setting";
-        pass `None` to force every pixel to a foreground class, or a number in [0, 1].
+        `outputs`: from `model.predict_class_maps` (or the segmentation model's `forward`, one raw pass); the classes
+        painted are `outputs.present` (predicted, or the given image labels) unless `classes` ((B, C) bool) is
+        given. `target_sizes` gives each image's (H, W); without it, masks have the class maps' own resolution.
+        `background_threshold="auto"` (default) means "this processor's setting"; `None` forces every pixel to a
+        class; a number in [0, 1] sets it for this call.
         """
         background_threshold = resolve_threshold(background_threshold, self.background_threshold)
-        if background_label_id is None:
-            background_label_id = self.background_label_id
         class_maps = getattr(outputs, "class_maps", None)
         if class_maps is None:
             logits = outputs.logits
@@ -201,26 +207,30 @@ class ClsMaskImageProcessor(PilBackend):
                 ].argmax(0)
                 for logit, size in zip(logits, sizes)
             ]
-        batch = class_maps.shape[0]
+        batch, num_classes = class_maps.shape[:2]
+        present = outputs.present if classes is None else classes
+        if present is None:
+            raise ValueError(
+                "outputs has no `present` classes: pass `classes`, or use the outputs of `predict_class_maps`."
+            )
+        if background_threshold is not None and not 0 <= self.background_label_id < num_classes:
+            raise ValueError(
+                f"background_label_id {self.background_label_id} is not a class of this model ({num_classes})."
+            )
         if target_sizes is not None and len(target_sizes) != batch:
             raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {batch} images.")
         sizes = [tuple(int(s) for s in size) for size in target_sizes] if target_sizes is not None else None
+        settings = {
+            "background_threshold": background_threshold,
+            "background_label_id": self.background_label_id,
+            "assembly": self.mask_assembly,
+        }
         if sizes is None or len(set(sizes)) == 1:
             size = sizes[0] if sizes else tuple(class_maps.shape[-2:])
-            masks = masks_from_class_maps(
-                class_maps, outputs.class_probs, outputs.present, size, background_threshold, background_label_id,
-                assembly=self.mask_assembly,
-            )  # fmt: skip
-            return list(masks.unbind(0))
+            return list(masks_from_class_maps(class_maps, outputs.class_probs, present, size, **settings).unbind(0))
         return [
             masks_from_class_maps(
-                class_maps[i : i + 1],
-                outputs.class_probs[i : i + 1],
-                outputs.present[i : i + 1],
-                sizes[i],
-                background_threshold,
-                background_label_id,
-                assembly=self.mask_assembly,
+                class_maps[i : i + 1], outputs.class_probs[i : i + 1], present[i : i + 1], sizes[i], **settings
             )[0]
             for i in range(batch)
         ]

@@ -24,8 +24,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .backbones import BackboneWeights, adapt_input_channels, read_backbone, resize_positions
-from .configuration_clsmask import ClsMaskConfig
-from .pseudo_masks import masks_from_class_maps, normalize_maps, working_size
+from .configuration_clsmask import ClsMaskConfig, check_attention_map_scales, check_refinement_iterations
+from .pseudo_masks import normalize_maps, working_size
 
 
 logger = logging.get_logger(__name__)
@@ -66,9 +66,8 @@ class ClsMaskClassifierOutput(ModelOutput):
     """
     loss: BCE (+ L0 gate penalty) when `labels` is given.
     logits: (B, C) class logits (sigmoid for probabilities).
-    class_maps: (B, C, h, w) class-to-patch attention aggregated over heads and the chosen layers, when asked for;
-        outside training also averaged over the configured scales and flips (then h, w is the finest grid).
-    class_attentions: the attention rows of the input as given (no augmentation).
+    class_maps: (B, C, h, w) class-to-patch attention aggregated over heads and the chosen layers, when asked for.
+    class_attentions: the attention rows of the class tokens, per layer asked for.
     l0_loss: the gate penalty before weighting (expected number of open gates), when gates are used.
     """
 
@@ -84,11 +83,12 @@ class ClsMaskClassifierOutput(ModelOutput):
 @dataclass
 class ClsMaskSemanticSegmenterOutput(ModelOutput):
     """
-    logits: (B, num_labels, h, w) segmentation scores on the maps' grid (the patch grid, or the finest grid of
-        `config.attention_map_scales` outside training): the normalised class map for classes
-        taken as present, -1 elsewhere, and `background_threshold` in the background channel when one is set.
-        Their argmax is a coarse mask; `ClsMaskImageProcessor.post_process_semantic_segmentation` builds the
-        paper's pseudo-mask from `class_maps` and `class_probs` instead.
+    logits: (B, num_labels, h, w) scores on the maps' grid: the normalised class map for classes taken as present
+        (the most probable one when none is), -1 elsewhere. Their argmax is a coarse mask without background;
+        `ClsMaskImageProcessor.post_process_semantic_segmentation` builds the pseudo-mask from `class_maps`,
+        `class_probs` and `present` instead.
+    class_maps: (B, C, h, w): from `forward`, one pass's class attention on the patch grid; from
+        `predict_class_maps`, after the configured map processing.
     class_logits / class_probs: (B, C) image-level outputs. present: (B, C) bool, classes used for the masks.
     """
 
@@ -464,9 +464,9 @@ class ClsMaskMapRefinement(nn.Module):
         return weights / weights.sum(1, keepdim=True)
 
     @torch.no_grad()
-    def forward(self, class_maps: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) maps -> (B, C, H, W) refined maps at the input's resolution (at most `MAX_WORKING_SIZE` on
-        the longer side, aspect kept), in the maps' dtype."""
+    def forward(self, class_maps: torch.Tensor, pixel_values: torch.Tensor, iterations: int) -> torch.Tensor:
+        """(B, C, h, w) maps -> (B, C, H, W) maps after `iterations` rounds, at the input's resolution (at most
+        `MAX_WORKING_SIZE` on the longer side, aspect kept), in the maps' dtype."""
         size = working_size(tuple(pixel_values.shape[-2:]))
         image = pixel_values.float()
         if tuple(image.shape[-2:]) != size:
@@ -475,7 +475,7 @@ class ClsMaskMapRefinement(nn.Module):
         offsets = self.offsets()
         reach = max(self.config.attention_map_refinement_dilations)
         weights = self.affinity(image, offsets, reach)
-        for _ in range(self.config.attention_map_refinement_iterations):
+        for _ in range(iterations):
             refined = torch.zeros_like(maps)
             for index, shifted in enumerate(self.neighbours(maps, offsets, reach)):
                 refined += shifted * weights[:, index : index + 1]
@@ -908,19 +908,61 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         return logits, loss, l0
 
     @torch.no_grad()
-    def augmented_class_maps(
-        self, pixel_values: torch.Tensor, class_maps: torch.Tensor, attention_map_layers: int | None = None
-    ) -> torch.Tensor:
-        """The maps averaged over `config.attention_map_scales` (and flips with `attention_map_flip`).
+    def predict_class_maps(
+        self,
+        pixel_values: torch.Tensor,
+        image_labels: torch.Tensor | None = None,
+        scales: list[float] | None = None,
+        flip: bool | None = None,
+        refinement_iterations: int | None = None,
+        affinity_power: float | None = None,
+        attention_map_layers: int | None = None,
+    ) -> ClsMaskSemanticSegmenterOutput:
+        """The maps masks are made from: one pass, then the configured map processing. Every argument left at
+        `None` takes the config's `attention_map_*` field, so a call states what it overrides.
 
-        `class_maps` are the maps of the input as given (reused when scale 1 is asked for). Every pass's map is put
-        in units of attention per scale-1 patch and enlarged (bilinear) to the finest grid among the passes, so an
-        upscaled pass adds the resolution of its finer patch grid. Without augmentation, `class_maps` is returned
-        as is.
+        Steps: class attention of the input as given; propagation over like patches (`affinity_power`); the average
+        over input `scales` (and horizontal flips, `flip`) on the finest grid; `refinement_iterations` rounds of the
+        pixel-adaptive refinement (the maps then come at the input's resolution). `forward` is the first step only.
+        The classes used are `image_labels` when given (the WSSS protocol), else the predicted ones. Masks:
+        `ClsMaskImageProcessor.post_process_semantic_segmentation(outputs, ...)`.
         """
-        scales, flip = self.config.attention_map_scales, self.config.attention_map_flip
-        if list(scales) == [1.0] and not flip:
-            return class_maps
+        config = self.config
+        scales = check_attention_map_scales(config.attention_map_scales if scales is None else scales)
+        flip = config.attention_map_flip if flip is None else bool(flip)
+        iterations = refinement_iterations
+        if iterations is None:
+            iterations = config.attention_map_refinement_iterations
+        check_refinement_iterations(iterations)
+        power = config.attention_map_affinity_power if affinity_power is None else float(affinity_power)
+        outputs = self.clsmask(
+            pixel_values,
+            output_class_attentions=True,
+            attention_map_layers=attention_map_layers,
+            class_tokens_only=not power,
+        )
+        logits, _, _ = self.classify(outputs.last_hidden_state[:, : config.num_labels], None)
+        maps = self.affinity_maps(self.raw_class_maps(pixel_values, outputs, attention_map_layers), outputs, power)
+        if list(scales) != [1.0] or flip:
+            maps = self.augmented_class_maps(pixel_values, maps, scales, flip, power, attention_map_layers)
+        if iterations > 0:
+            maps = self.map_refinement(maps, pixel_values, iterations)
+        return segmenter_output(self, logits, maps, image_labels)
+
+    def augmented_class_maps(
+        self,
+        pixel_values: torch.Tensor,
+        class_maps: torch.Tensor,
+        scales: list[float],
+        flip: bool,
+        power: float,
+        attention_map_layers: int | None = None,
+    ) -> torch.Tensor:
+        """`class_maps` (those of the input as given) averaged with the maps of the other `scales` and flips.
+
+        Every pass's map is put in units of attention per scale-1 patch and enlarged (bilinear) to the finest grid
+        among the passes, so an upscaled pass adds the resolution of its finer patch grid.
+        """
         height, width = pixel_values.shape[-2:]
         patch = self.config.patch_size
         base_patches = class_maps.shape[-2] * class_maps.shape[-1]
@@ -935,7 +977,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
                     passes.append(class_maps.float())
                     continue
                 inputs = scaled.flip(-1) if flipped else scaled
-                maps = self.one_pass_maps(inputs, attention_map_layers).float()
+                maps = self.one_pass_maps(inputs, power, attention_map_layers).float()
                 passes.append(maps.flip(-1) if flipped else maps)
         grid = max((tuple(maps.shape[-2:]) for maps in passes), key=lambda shape: shape[0] * shape[1])
         total = 0
@@ -944,27 +986,32 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             total = total + nn.functional.interpolate(density, size=grid, mode="bilinear", align_corners=False)
         return (total / len(passes)).to(class_maps.dtype)
 
-    def one_pass_maps(self, pixel_values: torch.Tensor, attention_map_layers: int | None = None) -> torch.Tensor:
-        """(B, C, h, w) maps of one input as given, propagated by patch affinity when the config asks for it."""
-        power = self.config.attention_map_affinity_power
+    def one_pass_maps(
+        self, pixel_values: torch.Tensor, power: float, attention_map_layers: int | None = None
+    ) -> torch.Tensor:
+        """(B, C, h, w) maps of one input as given, propagated by patch affinity when `power` > 0."""
         outputs = self.clsmask(
             pixel_values,
             output_class_attentions=True,
             attention_map_layers=attention_map_layers,
             class_tokens_only=not power,
         )
+        return self.affinity_maps(self.raw_class_maps(pixel_values, outputs, attention_map_layers), outputs, power)
+
+    def raw_class_maps(
+        self, pixel_values: torch.Tensor, outputs: ClsMaskModelOutput, attention_map_layers: int | None = None
+    ) -> torch.Tensor:
+        """(B, C, h, w) class-to-patch attention of one pass on its patch grid."""
         grid = patch_grid(pixel_values, self.config.patch_size)
         layers = self.clsmask.class_attention_layers(attention_map_layers)
-        maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
-        return self.affinity_maps(maps, outputs.last_hidden_state)
+        return self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
 
-    def affinity_maps(self, class_maps: torch.Tensor, last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """`propagate_by_affinity` with the final patch tokens, when `attention_map_affinity_power` > 0."""
-        power = self.config.attention_map_affinity_power
+    def affinity_maps(self, class_maps: torch.Tensor, outputs: ClsMaskModelOutput, power: float) -> torch.Tensor:
+        """`propagate_by_affinity` with the final patch tokens of `outputs`, when `power` > 0."""
         if not power:
             return class_maps
         num_classes, num_patches = self.config.num_labels, class_maps.shape[-2] * class_maps.shape[-1]
-        patches = last_hidden_state[:, num_classes : num_classes + num_patches]
+        patches = outputs.last_hidden_state[:, num_classes : num_classes + num_patches]
         return propagate_by_affinity(class_maps, patches, power)
 
     def forward(
@@ -976,17 +1023,12 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        augment_maps: bool = True,
-        **kwargs,
     ) -> ClsMaskClassifierOutput | tuple:
-        """
+        """One pass, the same in training and inference (test-time passes and refinement: `predict_class_maps`).
+
         labels: (B, num_labels) multi-hot image labels. They give the loss and, in training, which tokens may be
             masked.
-        output_class_maps: also return (B, C, h, w) class maps (and the per-layer class attention rows).
-        augment_maps: outside training, average the maps over `config.attention_map_scales` / `attention_map_flip`
-            (`augmented_class_maps`) and refine them with the image when `attention_map_refinement_iterations` > 0
-            (`ClsMaskMapRefinement`; the maps then come at the input's resolution); False gives the raw maps of the
-            input as given (one pass on the patch grid, e.g. for monitoring).
+        output_class_maps: also return the (B, C, h, w) class attention on the patch grid (and the per-layer rows).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_attentions is None:
@@ -995,28 +1037,17 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         diversity = self.training and labels is not None and self.config.diversity_loss_coefficient > 0
         output_class_maps = output_class_maps or diversity
-        refine = output_class_maps and augment_maps and not self.training
-        needs_patches = refine and self.config.attention_map_affinity_power > 0
         outputs = self.clsmask(
             pixel_values,
             output_class_attentions=output_class_maps,
             attention_map_layers=attention_map_layers,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            class_tokens_only=not (output_attentions or output_hidden_states or needs_patches),
+            class_tokens_only=not (output_attentions or output_hidden_states),
         )
         class_states = outputs.last_hidden_state[:, : self.config.num_labels]
         logits, loss, l0 = self.classify(class_states, labels)
-        class_maps = None
-        if output_class_maps:
-            layers = self.clsmask.class_attention_layers(attention_map_layers)
-            grid = patch_grid(pixel_values, self.config.patch_size)
-            class_maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
-            if refine:
-                class_maps = self.affinity_maps(class_maps, outputs.last_hidden_state)
-                class_maps = self.augmented_class_maps(pixel_values, class_maps, attention_map_layers)
-                if self.config.attention_map_refinement_iterations > 0:
-                    class_maps = self.map_refinement(class_maps, pixel_values)
+        class_maps = self.raw_class_maps(pixel_values, outputs, attention_map_layers) if output_class_maps else None
         if diversity:
             present = self.check_labels(labels, class_maps.shape[0])
             loss = loss + self.config.diversity_loss_coefficient * diversity_loss(class_maps, present)
@@ -1032,10 +1063,43 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
-    """Same weights as the classifier; returns segmentation logits built from class maps and class probabilities.
+def segmenter_output(
+    model: ClsMaskForMultiLabelClassification,
+    class_logits: torch.Tensor,
+    class_maps: torch.Tensor,
+    image_labels: torch.Tensor | None,
+    loss: torch.Tensor | None = None,
+    hidden_states=None,
+    attentions=None,
+) -> ClsMaskSemanticSegmenterOutput:
+    """The segmentation output of class logits and maps: probabilities, the classes used (`image_labels` when given,
+    else those at or above `class_threshold`), and scores whose argmax is a coarse mask."""
+    probs = class_logits.float().sigmoid()
+    if image_labels is not None:
+        present = model.check_labels(image_labels, probs.shape[0]).bool()
+    else:
+        present = probs >= model.config.class_threshold
+    shown = present.clone()
+    none = ~shown.any(dim=1)
+    shown[none, probs[none].argmax(dim=1)] = True
+    scores = torch.where(shown[..., None, None], normalize_maps(class_maps.float()), torch.full_like(class_maps, -1.0))
+    return ClsMaskSemanticSegmenterOutput(
+        loss=loss,
+        logits=scores,
+        class_logits=class_logits,
+        class_probs=probs,
+        class_maps=class_maps,
+        present=present,
+        hidden_states=hidden_states,
+        attentions=attentions,
+    )
 
-    This is what `AutoModelForSemanticSegmentation` and the image-segmentation pipeline load.
+
+class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
+    """Same weights as the classifier; returns class maps, class probabilities and coarse segmentation scores.
+
+    This is what `AutoModelForSemanticSegmentation` and the image-segmentation pipeline load; the pipeline calls
+    `predict_class_maps` and the image processor's `post_process_semantic_segmentation`.
     """
 
     def forward(
@@ -1047,14 +1111,12 @@ class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        augment_maps: bool = True,
-        **kwargs,
     ) -> ClsMaskSemanticSegmenterOutput | tuple:
-        """
+        """One pass (see [`ClsMaskForMultiLabelClassification.forward`]); maps on the patch grid.
+
         labels: (B, num_labels) multi-hot image labels for the classification loss.
-        image_labels: (B, num_labels) multi-hot; when given, the masks use these classes instead of the predicted
+        image_labels: (B, num_labels) multi-hot; when given, `present` is these classes instead of the predicted
             ones (the usual WSSS protocol for pseudo-labelling a labelled training set).
-        augment_maps: see [`ClsMaskForMultiLabelClassification.forward`].
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = super().forward(
@@ -1065,55 +1127,12 @@ class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
-            augment_maps=augment_maps,
         )
-        probs = outputs.logits.float().sigmoid()
-        if image_labels is not None:
-            present = self.check_labels(image_labels, probs.shape[0]).bool()
-        else:
-            present = probs >= self.config.class_threshold
-        logits = self.segmentation_logits(outputs.class_maps, probs, present)
-        output = ClsMaskSemanticSegmenterOutput(
-            loss=outputs.loss,
-            logits=logits,
-            class_logits=outputs.logits,
-            class_probs=probs,
-            class_maps=outputs.class_maps,
-            present=present,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        output = segmenter_output(
+            self, outputs.logits, outputs.class_maps, image_labels, outputs.loss, outputs.hidden_states,
+            outputs.attentions,
+        )  # fmt: skip
         return output if return_dict else output.to_tuple()
-
-    def segmentation_logits(
-        self, class_maps: torch.Tensor, probs: torch.Tensor, present: torch.Tensor
-    ) -> torch.Tensor:
-        """(B, num_labels, h, w): normalised map of present classes, -1 elsewhere, background = its threshold."""
-        present = present.clone()
-        threshold = self.config.background_threshold
-        if threshold is None:
-            none = ~present.any(dim=1)
-            present[none, probs[none].argmax(dim=1)] = True
-        else:
-            present[:, self.config.background_label_id] = False
-        logits = torch.where(
-            present[..., None, None], normalize_maps(class_maps.float()), torch.full_like(class_maps, -1.0)
-        )
-        if threshold is not None:
-            logits[:, self.config.background_label_id] = threshold
-        return logits
-
-    def pseudo_masks(self, outputs: ClsMaskSemanticSegmenterOutput, output_size: tuple[int, int]) -> torch.Tensor:
-        """(B, H, W) pseudo-masks from this model's outputs (see `pseudo_masks.masks_from_class_maps`)."""
-        return masks_from_class_maps(
-            outputs.class_maps,
-            outputs.class_probs,
-            outputs.present,
-            output_size,
-            background_threshold=self.config.background_threshold,
-            background_label_id=self.config.background_label_id,
-            assembly=self.config.mask_assembly,
-        )
 
 
 __all__ = [

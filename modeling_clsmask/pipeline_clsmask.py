@@ -15,24 +15,19 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 
 from .image_processing_clsmask import channels_first, to_8bit
-from .pseudo_masks import (
-    AUTO,
-    MAX_WORKING_SIZE,
-    masks_from_class_maps,
-    nearest_resize,
-    resolve_threshold,
-    working_size,
-)
+from .modeling_clsmask import ClsMaskSemanticSegmenterOutput
+from .pseudo_masks import AUTO, MAX_WORKING_SIZE, nearest_resize, resolve_threshold, working_size
 
 
 class ClsMaskSegmentationPipeline(Pipeline):
     """Returns, per image, `[{"score": probability, "label": name, "mask": PIL "L" image}]`, one per painted class.
 
-    Parameters (call time): `threshold` (class probability at which a class counts as predicted, default the config's
-    `class_threshold`), `background_threshold` (`"auto"`, the default: the config's; `None` paints every pixel with a
-    class; or a number in [0, 1]), and `labels` (class names or ids known to be in the image: masks are restricted to
-    them, the WSSS protocol).
-    Background, where the model has a background threshold, is returned with `score=None`: it is not a predicted
+    Parameters (call time): `threshold` (class probability at which a class counts as predicted, default the
+    config's `class_threshold`), `background_threshold` (`"auto"`, the default: the image processor's; `None`
+    paints every pixel with a class; or a number in [0, 1]), and `labels` (class names or ids known to be in the
+    image: masks are restricted to them, the WSSS protocol). Maps: `model.predict_class_maps`; masks: the image
+    processor's `post_process_semantic_segmentation`.
+    Background, where the processor has a background threshold, is returned with `score=None`: it is not a predicted
     class but what is left over. Inputs: paths, URLs, PIL images, numpy arrays (uint8, uint16 or floats in [0, 1];
     H x W, H x W x C or C x H x W), or lists of them; `batch_size` batches the model calls (same results).
     """
@@ -123,7 +118,7 @@ class ClsMaskSegmentationPipeline(Pipeline):
 
     def _forward(self, model_inputs):
         target_size = model_inputs.pop("target_size")
-        outputs = self.model(**model_inputs)
+        outputs = self.model.predict_class_maps(**model_inputs)
         given = torch.full((target_size.shape[0],), "image_labels" in model_inputs, dtype=torch.bool)
         return {
             "class_maps": outputs.class_maps,
@@ -134,24 +129,25 @@ class ClsMaskSegmentationPipeline(Pipeline):
         }
 
     def postprocess(self, model_outputs, threshold=None, background_threshold=AUTO):
-        config = self.model.config
-        probs = model_outputs["class_probs"].float()
-        present = model_outputs["present"]
+        config, processor = self.model.config, self.image_processor
+        outputs = ClsMaskSemanticSegmenterOutput(
+            class_probs=model_outputs["class_probs"].float(),
+            class_maps=model_outputs["class_maps"],
+            present=model_outputs["present"],
+        )
+        probs = outputs.class_probs
+        classes = None
         if threshold is not None and not bool(model_outputs["image_labels_given"][0]):
-            present = probs >= threshold
-        background_threshold = resolve_threshold(background_threshold, config.background_threshold)
-        background = config.background_label_id
+            classes = probs >= threshold
+        background_threshold = resolve_threshold(background_threshold, processor.background_threshold)
         target = tuple(int(v) for v in model_outputs["target_size"][0])
         # The label map is made at the bounded working size; each class's binary mask is then enlarged on its own as
         # uint8, so a large photo never holds a full-size int64 label map (see `max_working_size`).
         size = working_size(target, self.max_working_size)
-        mask = masks_from_class_maps(
-            model_outputs["class_maps"], probs, present, size, background_threshold, background,
-            max_working_size=None, assembly=config.mask_assembly,
-        )[0]  # fmt: skip
+        mask = processor.post_process_semantic_segmentation(outputs, [size], background_threshold, classes)[0]
         results = []
         for label in mask.unique().tolist():
-            is_background = background_threshold is not None and label == background
+            is_background = background_threshold is not None and label == processor.background_label_id
             binary = (mask == label).to(torch.uint8).mul_(255)
             binary = binary if size == target else nearest_resize(binary, target)
             results.append(

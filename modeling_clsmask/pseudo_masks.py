@@ -33,6 +33,9 @@ def resolve_threshold(value, default: float | None, name: str = "background_thre
     return float(value)
 
 
+# How class maps become a label map: see `masks_from_class_maps`.
+MASK_ASSEMBLIES = ("threshold", "argmax")
+
 # Elements of the (rows, width, width) distance block computed at once by the nearest fill (about 64 MB).
 _FILL_BLOCK_ELEMENTS = 1 << 24
 # Longest side at which masks are thresholded, painted and filled; larger outputs are resized from it (nearest).
@@ -189,7 +192,7 @@ def masks_from_class_maps(
         assigned = above.any(dim=1)
         labels = nearest_fill(labels, assigned)
     else:
-        raise ValueError(f"assembly must be 'threshold' or 'argmax', got {assembly!r}.")
+        raise ValueError(f"assembly must be one of {MASK_ASSEMBLIES}, got {assembly!r}.")
     if use_background:
         best = torch.where(present[..., None, None], maps, torch.zeros_like(maps)).amax(dim=1)
         labels = torch.where(
@@ -200,4 +203,12 @@ def masks_from_class_maps(
     return labels if size == output_size else nearest_resize(labels, output_size)
 
 
-__all__ = ["AUTO", "masks_from_class_maps", "nearest_fill", "nearest_resize", "normalize_maps", "resolve_threshold"]
+__all__ = [
+    "AUTO",
+    "MASK_ASSEMBLIES",
+    "masks_from_class_maps",
+    "nearest_fill",
+    "nearest_resize",
+    "normalize_maps",
+    "resolve_threshold",
+]

@@ -10,6 +10,7 @@ from test_run_pretrain import TINY, make_disk_dataset, rgb
 
 import run_pretrain
 import run_segmentation
+from modeling_clsmask import ClsMaskImageProcessor
 from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments, optional_fraction
 from modeling_clsmask.training.data import ExampleEncoder, load_data
@@ -74,7 +75,8 @@ def test_mask_label_offset_for_voc_layout_masks(tmp_path):
     # With it: a background class comes first and the labels column's ids are read shifted, as the masks are.
     spec = load_data(DataArguments(dataset_name=path, mask_label_offset=1))
     assert spec.class_names == ["background", "cat", "dog"] and spec.background_label_id == 0
-    encoded = ExampleEncoder(spec, 3, (32, 32), [0.5] * 3, [0.5] * 3)(spec.dataset["train"][:2])
+    processor = ClsMaskImageProcessor(size={"height": 32, "width": 32})
+    encoded = ExampleEncoder(spec, processor)(spec.dataset["train"][:2])
     assert encoded["labels"][0].tolist() == [0, 1, 0] and encoded["labels"][1].tolist() == [0, 0, 1]
     assert set(encoded["mask"][1].unique().tolist()) == {0, 2, 255}
     metrics = run_pretrain.main([*base, "--mask_label_offset", "1", "--output_dir", str(tmp_path / "b")])

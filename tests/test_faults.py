@@ -152,6 +152,5 @@ def test_background_that_no_mask_holds_is_not_painted(tmp_path, caplog):
             ]  # fmt: skip
         )
     assert "'background' (id 0) is in no mask" in caplog.text
-    config = ClsMaskForSemanticSegmentation.from_pretrained(tmp_path / "out").config
-    assert config.background_threshold is None
+    assert ClsMaskImageProcessor.from_pretrained(tmp_path / "out").background_threshold is None
     assert metrics["pseudo_mask_per_class_iou"]["background"] is None  # never painted, never in a mask

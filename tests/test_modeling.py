@@ -10,6 +10,7 @@ from transformers import ViTConfig, ViTModel
 from modeling_clsmask import (
     ClsMaskForMultiLabelClassification,
     ClsMaskForSemanticSegmentation,
+    ClsMaskImageProcessor,
     ClsMaskModel,
 )
 from modeling_clsmask.modeling_clsmask import ClsMaskMapRefinement, scaled_size
@@ -200,18 +201,25 @@ def test_segmentation_logits_and_image_labels():
     out = model(pixels, image_labels=torch.tensor([[0, 1, 0], [1, 0, 1]]))
     assert out.logits.shape == (2, 3, 4, 4)
     assert out.present.tolist() == [[False, True, False], [True, False, True]]
-    assert (out.logits[0, [0, 2]] == -1).all()
-    masks = model.pseudo_masks(out, (32, 32))
-    assert masks.shape == (2, 32, 32)
+    assert (out.logits[0, [0, 2]] == -1).all() and (out.logits[1, 1] == -1).all()
+    # Each present class's map, min-max normalised: argmax of the logits is a coarse mask of the given classes.
+    assert out.logits[0, 1].amin() == 0 and out.logits[0, 1].amax() == 1
+    assert set(out.logits[1].argmax(0).unique().tolist()) == {0, 2}
+    masks = ClsMaskImageProcessor().post_process_semantic_segmentation(out, [(32, 32)] * 2)
+    assert masks[0].shape == (32, 32)
     assert set(masks[0].unique().tolist()) == {1}
-    assert set(masks[1].unique().tolist()) <= {0, 2}
+    assert set(masks[1].unique().tolist()) == {0, 2}
 
 
-def test_background_channel():
-    model = ClsMaskForSemanticSegmentation(tiny_config(background_threshold=0.3)).eval()
-    out = model(torch.randn(1, 3, 32, 32), image_labels=torch.tensor([[1, 1, 0]]))
-    assert (out.logits[0, 0] == 0.3).all()
-    assert set(model.pseudo_masks(out, (32, 32)).unique().tolist()) <= {0, 1}
+def test_forward_and_predict_class_maps_agree_on_one_pass():
+    # forward is one raw pass; predict_class_maps with no processing configured returns the same maps and classes.
+    model = ClsMaskForSemanticSegmentation(tiny_config()).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    raw, predicted = model(pixels), model.predict_class_maps(pixels)
+    for name in ("class_maps", "class_probs", "present", "logits"):
+        torch.testing.assert_close(getattr(predicted, name), getattr(raw, name))
+    with pytest.raises(TypeError):
+        model(pixels, augment_maps=False)  # no silently swallowed keyword arguments
 
 
 @pytest.mark.parametrize(
@@ -463,15 +471,18 @@ def test_attention_map_layer_ids_pick_blocks():
 
 
 def one_pass_maps(model, pixels):
-    return model(pixels, output_class_maps=True, augment_maps=False).class_maps
+    """The raw maps of `forward` (the segmentation model always returns them)."""
+    if isinstance(model, ClsMaskForSemanticSegmentation):
+        return model(pixels).class_maps
+    return model(pixels, output_class_maps=True).class_maps
 
 
 def test_augmented_maps_against_explicit_passes():
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 32, 32)
     plain = ClsMaskForMultiLabelClassification(tiny_config()).eval()
-    # Default: one pass, whatever augment_maps says.
-    torch.testing.assert_close(plain(pixels, output_class_maps=True).class_maps, one_pass_maps(plain, pixels))
+    # Nothing configured: predict_class_maps is the one pass.
+    torch.testing.assert_close(plain.predict_class_maps(pixels).class_maps, one_pass_maps(plain, pixels))
 
     model = ClsMaskForMultiLabelClassification(tiny_config(attention_map_scales=[1.0, 2.0], attention_map_flip=True))
     model.load_state_dict(plain.state_dict())
@@ -485,24 +496,29 @@ def test_augmented_maps_against_explicit_passes():
     ]
     up = [torch.nn.functional.interpolate(m, size=(8, 8), mode="bilinear", align_corners=False) for m in passes]
     expected = sum(up) / 4
-    out = model(pixels, output_class_maps=True)
+    out = model.predict_class_maps(pixels)
     assert out.class_maps.shape == (2, 3, 8, 8)  # the finest grid (scale 2)
     torch.testing.assert_close(out.class_maps, expected, atol=1e-5, rtol=1e-4)
-    # Probabilities and the one-pass attention rows are those of the input as given.
-    torch.testing.assert_close(out.logits, plain(pixels).logits)
+    # Probabilities are those of the input as given.
+    torch.testing.assert_close(out.class_logits, plain(pixels).logits)
     # Flip-averaged maps are flip-equivariant.
-    torch.testing.assert_close(model(pixels.flip(-1), output_class_maps=True).class_maps, out.class_maps.flip(-1),
+    torch.testing.assert_close(model.predict_class_maps(pixels.flip(-1)).class_maps, out.class_maps.flip(-1),
                                atol=1e-5, rtol=1e-4)  # fmt: skip
-    # Training (e.g. the diversity loss) always uses the one pass.
-    model.train()
+    # forward is one pass in either mode; arguments override the config for one call, which stays as it was.
     assert model(pixels, output_class_maps=True).class_maps.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(
+        model.predict_class_maps(pixels, scales=[1.0], flip=False).class_maps, one_pass_maps(plain, pixels)
+    )
+    assert model.config.attention_map_scales == [1.0, 2.0] and model.config.attention_map_flip
+    with pytest.raises(ValueError, match="attention_map_scales"):
+        model.predict_class_maps(pixels, scales=[0.0])
 
 
 @pytest.mark.parametrize("height, width", [(40, 56), (24, 72)])
 def test_augmented_maps_odd_sizes_and_segmentation_grid(height, width):
     config = tiny_config(attention_map_scales=[1.0, 0.75, 1.25, 0.5], attention_map_flip=True)
     model = ClsMaskForSemanticSegmentation(config).eval()
-    out = model(torch.randn(2, 3, height, width))
+    out = model.predict_class_maps(torch.randn(2, 3, height, width))
     finest = scaled_size(height, width, 1.25, 8)
     assert out.class_maps.shape == out.logits.shape == (2, 3, finest[0] // 8, finest[1] // 8)
     assert scaled_size(40, 56, 0.75, 8) == (32, 40) and scaled_size(8, 8, 0.3, 8) == (8, 8)
@@ -546,7 +562,7 @@ def test_map_refinement_against_explicit_computation():
     image = torch.randn(1, 2, 9, 7)
     maps = torch.rand(1, 3, 9, 7)
     expected = explicit_refinement(maps[0], image[0], 2, [1, 3], config.attention_map_refinement_sigma)
-    torch.testing.assert_close(refinement(maps, image)[0], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(refinement(maps, image, 2)[0], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_map_refinement_keeps_mass_inside_regions():
@@ -559,10 +575,11 @@ def test_map_refinement_keeps_mass_inside_regions():
     maps = torch.zeros(1, 1, 16, 16)
     maps[0, 0, 8, 3] = 1.0
     refinement = ClsMaskMapRefinement(tiny_config(attention_map_refinement_iterations=10))
-    refined = refinement(maps, image)[0, 0]
+    refined = refinement(maps, image, 10)[0, 0]
     assert refined[:, :8].sum() > 50 * refined[:, 8:].sum()
     assert (refined[:, :8] > 0).float().mean() > 0.9  # reached most of its region
-    torch.testing.assert_close(refinement(torch.full((1, 2, 16, 16), 0.25), image), torch.full((1, 2, 16, 16), 0.25))
+    constant = torch.full((1, 2, 16, 16), 0.25)
+    torch.testing.assert_close(refinement(constant, image, 10), constant)
 
 
 def test_refined_maps_in_the_model():
@@ -574,16 +591,14 @@ def test_refined_maps_in_the_model():
     )
     model.load_state_dict(plain.state_dict())
     model.eval()
-    out = model(pixels)
+    out = model.predict_class_maps(pixels)
     # Averaged over the scales first, then refined at the input's resolution; logits on the same grid.
-    augmented = model.augmented_class_maps(pixels, one_pass_maps(model, pixels))
-    torch.testing.assert_close(out.class_maps, model.map_refinement(augmented, pixels))
+    augmented = model.augmented_class_maps(pixels, one_pass_maps(model, pixels), [1.0, 2.0], False, 0.0)
+    torch.testing.assert_close(out.class_maps, model.map_refinement(augmented, pixels, 3))
     assert out.class_maps.shape == out.logits.shape[:1] + (3, 32, 32)
-    assert one_pass_maps(model, pixels).shape == (2, 3, 4, 4)  # augment_maps=False: the raw maps
-    model.train()
-    assert model(pixels).class_maps.shape == (2, 3, 4, 4)  # training never refines
-    model.eval()
-    bf16 = model.to(torch.bfloat16)(pixels.to(torch.bfloat16)).class_maps  # refined in float32
+    assert model(pixels).class_maps.shape == (2, 3, 4, 4)  # forward: the raw maps
+    assert model.predict_class_maps(pixels, refinement_iterations=0).class_maps.shape == (2, 3, 8, 8)
+    bf16 = model.to(torch.bfloat16).predict_class_maps(pixels.to(torch.bfloat16)).class_maps  # refined in float32
     assert bf16.shape == (2, 3, 32, 32) and bool(bf16.isfinite().all())
 
 
@@ -616,11 +631,12 @@ def test_affinity_propagation_spreads_within_like_patches():
 def test_affinity_maps_in_the_model_only_at_inference():
     model = ClsMaskForMultiLabelClassification(tiny_config(attention_map_affinity_power=4.0)).eval()
     pixels = torch.randn(2, 3, 32, 32)
-    raw = model(pixels, output_class_maps=True, augment_maps=False)
-    spread = model(pixels, output_class_maps=True)
+    raw = model(pixels, output_class_maps=True)
+    spread = model.predict_class_maps(pixels)
     from modeling_clsmask.modeling_clsmask import propagate_by_affinity
 
     full = model.clsmask(pixels).last_hidden_state[:, 3 : 3 + 16]
     torch.testing.assert_close(spread.class_maps, propagate_by_affinity(raw.class_maps, full, 4.0))
     assert not torch.allclose(spread.class_maps, raw.class_maps)
-    torch.testing.assert_close(spread.logits, raw.logits)
+    torch.testing.assert_close(spread.class_logits, raw.logits)
+    torch.testing.assert_close(model.predict_class_maps(pixels, affinity_power=0).class_maps, raw.class_maps)

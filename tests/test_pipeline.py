@@ -19,15 +19,20 @@ from modeling_clsmask import (
 from modeling_clsmask.training.visualization import attention_panel, draw_segments, overlay
 
 
+MASK_SETTINGS = ("background_threshold", "background_label_id", "mask_assembly")
+
+
 def biased_model(**overrides):
-    """Tiny model whose classifier predicts classes 0 and 2 (cat, car) for any image, confidently."""
+    """Tiny model whose classifier predicts classes 0 and 2 (cat, car) for any image, confidently; mask settings
+    among `overrides` go to the processor."""
+    masks = {key: overrides.pop(key) for key in MASK_SETTINGS if key in overrides}
     config = tiny_config(**overrides)
     model = ClsMaskForSemanticSegmentation(config).eval()
     with torch.no_grad():
         readout = model.classifier  # shared readout (default) or the paper's flattened Linear
         (readout.dense if config.classifier_type == "shared" else readout).weight.zero_()
         model.classifier.bias.copy_(torch.tensor([4.0, -4.0, 3.0]))
-    return model, ClsMaskImageProcessor.from_model_config(config)
+    return model, ClsMaskImageProcessor.from_model_config(config, **masks)
 
 
 def test_pipeline_in_process_masks_scores_labels():

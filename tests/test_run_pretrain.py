@@ -48,7 +48,9 @@ def test_builtin_end_to_end(tmp_path, capsys):
         saved["class_assignment_accuracy"] - saved["class_assignment_chance"]
     )
     config = json.loads((out / "config.json").read_text())
-    assert config["background_threshold"] == run_pretrain.REFINED_BACKGROUND and config["use_head_gates"]
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["background_threshold"] == run_pretrain.REFINED_BACKGROUND and config["use_head_gates"]
+    assert "background_threshold" not in config  # stored once, in the processor
     # From scratch: conv stem, fan-in init, shared readout, maps from block 0, no token masking.
     assert config["patch_embedding_type"] == "conv" and config["conv_stem_depth"] == 2
     assert config["classifier_type"] == "shared" and config["weight_init"] == "fan_in"
@@ -356,14 +358,14 @@ def test_recipes_are_valid_and_voc_recipe_runs(tmp_path):
         run_pretrain.parse_args(["--recipe", "nope"])
     # The paper's configuration makes its maps in one pass.
     paper_args = run_pretrain.parse_args(["--recipe", "paper", *TINY, "--attention_map_layers", "2"])
-    paper = run_pretrain.build_model(paper_args, ["a", "b"], None)
+    paper = run_pretrain.build_model(paper_args, ["a", "b"])
     assert paper.config.attention_map_scales == [1.0] and not paper.config.attention_map_flip
     assert paper.config.attention_map_refinement_iterations == 0
     # With a background class, 'auto' follows the maps: refined maps take the higher threshold.
-    raw = run_pretrain.build_model(paper_args, ["bg", "a"], 0).config
-    assert raw.background_threshold == run_pretrain.RAW_BACKGROUND
-    scratch = run_pretrain.build_model(run_pretrain.parse_args(TINY), ["bg", "a"], 0).config
-    assert scratch.background_threshold == run_pretrain.REFINED_BACKGROUND
+    assert run_pretrain.mask_settings(paper_args, 0)["background_threshold"] == run_pretrain.RAW_BACKGROUND
+    scratch = run_pretrain.mask_settings(run_pretrain.parse_args(TINY), 0)
+    assert scratch["background_threshold"] == run_pretrain.REFINED_BACKGROUND
+    assert run_pretrain.mask_settings(paper_args, None)["background_threshold"] is None
 
 
 def make_splits(path, train: list[dict], validation: list[dict], features: datasets.Features):
@@ -467,11 +469,13 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     preset = PRESETS["pretrained"]
     assert args.attention_map_scales == preset["attention_map_scales"]
     assert args.learning_rate == preset["learning_rate"] and "image_size" not in args.preset_applied
-    model = run_pretrain.build_model(args, ["background", "a"], 0)
+    model = run_pretrain.build_model(args, ["background", "a"])
     config = model.config
     assert config.backbone_family == "dinov2" and config.class_token_layers == 2 and config.attention_map_layers == 2
     assert config.attention_map_refinement_iterations == preset["attention_map_refinement_iterations"]
-    assert config.background_threshold == preset["auto_background_threshold"] != run_pretrain.RAW_BACKGROUND
+    settings = run_pretrain.mask_settings(args, 0)
+    assert settings["background_threshold"] == preset["auto_background_threshold"] != run_pretrain.RAW_BACKGROUND
+    assert settings["mask_assembly"] == preset["mask_assembly"]
     # Frozen: the patch embedding, positions and the first two blocks; the rest trains.
     assert not any(p.requires_grad for p in model.clsmask.layers[1].parameters())
     assert all(p.requires_grad for p in model.clsmask.layers[2].parameters())
@@ -484,12 +488,10 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     assert rates[id(model.clsmask.embeddings.class_tokens)] == args.learning_rate * multiplier
     assert rates[id(model.clsmask.layers[3].mlp.fc1.weight)] == args.learning_rate
     # A background class that no mask holds is not painted under 'auto' ...
-    unpainted = run_pretrain.build_model(args, ["background", "a"], 0, background_in_masks=False)
-    assert unpainted.config.background_threshold is None
+    assert run_pretrain.mask_settings(args, 0, background_in_masks=False)["background_threshold"] is None
     # ... unless asked for.
     args.background_threshold = 0.3
-    asked = run_pretrain.build_model(args, ["background", "a"], 0, background_in_masks=False)
-    assert asked.config.background_threshold == 0.3
+    assert run_pretrain.mask_settings(args, 0, background_in_masks=False)["background_threshold"] == 0.3
     with pytest.raises(ValueError, match="blocks"):
         run_pretrain.freeze_early_layers(model, 9)
 

@@ -383,29 +383,6 @@ def load_data(args: DataArguments) -> DataSpec:
     return drop_undecodable(spec)
 
 
-def image_to_array(image, num_channels: int) -> np.ndarray:
-    """(C, H, W) float32 array from a PIL image or an array (HWC or CHW), checking the band count."""
-    if isinstance(image, Image.Image):
-        if num_channels == 3 and image.mode != "RGB":
-            image = image.convert("RGB")
-        elif num_channels == 1 and image.mode != "L":
-            image = image.convert("L")
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    else:
-        try:
-            array = channels_first(np.asarray(image, dtype=np.float32), num_channels)
-        except ValueError as error:
-            raise ValueError(f"{error} Check the image column or set --num_channels.") from None
-    if array.ndim != 3 or array.shape[0] != num_channels:
-        raise ValueError(
-            f"An image has {array.shape[0] if array.ndim == 3 else 'no channel axis and'} channels (shape "
-            f"{tuple(np.shape(image)) if not isinstance(image, Image.Image) else image.mode}), but the model expects "
-            f"num_channels={num_channels}. Check the image column or set --num_channels."
-        )
-    return array
-
-
 def mask_to_array(mask) -> np.ndarray:
     array = np.asarray(mask)
     if array.ndim == 3:
@@ -462,27 +439,43 @@ def labels_from_mask(mask: np.ndarray, num_labels: int, background_label_id: int
 
 
 class ExampleEncoder:
-    """Turns raw examples into fixed-size tensors: resized image, multi-hot labels, resized mask (nearest)."""
+    """Turns raw examples into tensors: the image through `processor` (the same preprocessing as inference),
+    multi-hot labels, the mask resized to the processor's size (nearest). `keep_sizes` adds each image's own
+    (H, W) as `original_size`."""
 
-    def __init__(self, spec: DataSpec, num_channels: int, size: tuple[int, int], image_mean, image_std):
+    def __init__(self, spec: DataSpec, processor, keep_sizes: bool = False):
         self.spec = spec
-        self.num_channels = num_channels
-        self.size = size
-        self.mean = np.asarray(image_mean, dtype=np.float32).reshape(-1, 1, 1)
-        self.std = np.asarray(image_std, dtype=np.float32).reshape(-1, 1, 1)
+        self.processor = processor
+        self.num_channels = len(processor.image_mean)
+        self.size = (processor.size.height, processor.size.width)
         self.num_labels = len(spec.class_names)
+        self.keep_sizes = keep_sizes
+
+    def pixel_values(self, images: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """(B, C, H, W) model inputs and each image's own (H, W)."""
+        images = [image if isinstance(image, Image.Image) else np.asarray(image) for image in images]  # list columns
+        try:
+            sizes = [
+                (image.height, image.width)
+                if isinstance(image, Image.Image)
+                else tuple(channels_first(np.asarray(image), self.num_channels).shape[1:])
+                for image in images
+            ]
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        except ValueError as error:
+            raise ValueError(f"{error} Check the image column or set --num_channels.") from None
+        return pixels, [(int(h), int(w)) for h, w in sizes]
 
     def __call__(self, batch: dict) -> dict:
         spec = self.spec
-        images, labels, masks = [], [], []
-        count = len(batch[spec.image_column])
-        for i in range(count):
-            image = image_to_array(batch[spec.image_column][i], self.num_channels)
+        labels, masks = [], []
+        pixels, sizes = self.pixel_values(list(batch[spec.image_column]))
+        for i, original in enumerate(sizes):
             mask = mask_to_array(batch[spec.mask_column][i]) if spec.mask_column else None
-            if mask is not None and mask.shape != image.shape[1:]:
+            if mask is not None and mask.shape != original:
                 raise ValueError(
                     f"A mask has size {mask.shape[1]}x{mask.shape[0]} but its image is "
-                    f"{image.shape[2]}x{image.shape[1]}"
+                    f"{original[1]}x{original[0]}"
                     " (width x height); masks must match their images pixel for pixel."
                 )
             if spec.labels_format == "mask":
@@ -503,19 +496,17 @@ class ExampleEncoder:
                             f"Mask value(s) {bad.tolist()} out of range for {self.num_labels} labels. "
                             + MASK_LAYOUT_HINT
                         )
-            tensor = torch.from_numpy(np.ascontiguousarray(image))[None]
-            if tuple(tensor.shape[-2:]) != self.size:
-                tensor = F.interpolate(tensor, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-            images.append((tensor[0] - torch.from_numpy(self.mean)) / torch.from_numpy(self.std))
             labels.append(torch.from_numpy(target))
             if mask is not None:
                 mask_tensor = torch.from_numpy(mask)[None, None].float()
                 if tuple(mask.shape) != self.size:
                     mask_tensor = F.interpolate(mask_tensor, size=self.size, mode="nearest")
                 masks.append(mask_tensor[0, 0].long())
-        out = {"pixel_values": images, "labels": labels}
+        out = {"pixel_values": list(pixels.unbind(0)), "labels": labels}
         if masks:
             out["mask"] = masks
+        if self.keep_sizes:
+            out["original_size"] = [torch.tensor(size) for size in sizes]
         return out
 
 
@@ -548,8 +539,9 @@ def collate(examples: list[dict]) -> dict:
         "pixel_values": torch.stack([ex["pixel_values"] for ex in examples]),
         "labels": torch.stack([ex["labels"] for ex in examples]),
     }
-    if "mask" in examples[0]:
-        batch["mask"] = torch.stack([ex["mask"] for ex in examples])
+    for key in ("mask", "original_size"):
+        if key in examples[0]:
+            batch[key] = torch.stack([ex[key] for ex in examples])
     return batch
 
 

@@ -6,6 +6,7 @@ The templates live at the top of the repository (`model_cards/`) and are install
 
 from __future__ import annotations
 
+import json
 import os
 from importlib.resources import files
 from pathlib import Path
@@ -34,9 +35,11 @@ CONFIG_FIELDS = (
     "patch_embedding_type", "conv_stem_depth", "classifier_type", "weight_init", "num_register_tokens",
     "token_mask_rate", "use_head_gates", "l0_penalty", "attention_map_layers", "attention_map_layer_ids",
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
-    "attention_map_refinement_sigma", "class_token_layers", "class_token_isolation", "background_threshold",
-    "backbone_family", "attention_map_affinity_power", "mask_assembly",
+    "attention_map_refinement_sigma", "class_token_layers", "class_token_isolation", "backbone_family",
+    "attention_map_affinity_power",
 )  # fmt: skip
+# Mask settings live in the saved image processor (preprocessor_config.json).
+PROCESSOR_FIELDS = ("background_threshold", "mask_assembly")
 
 
 def eval_results(metrics: dict, dataset_name: str, dataset_type: str) -> list[EvalResult]:
@@ -98,6 +101,11 @@ def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, s
     )
     rows = [(k, args.get(k)) for k in CARD_HYPERPARAMETERS if args.get(k) is not None]
     rows += [(k, getattr(config, k)) for k in CONFIG_FIELDS if hasattr(config, k)]
+    processor_file = os.path.join(output_dir, "preprocessor_config.json")
+    if os.path.exists(processor_file):
+        with open(processor_file) as handle:
+            saved = json.load(handle)
+        rows += [(k, saved[k]) for k in PROCESSOR_FIELDS if k in saved]
     if stage != "pretrain":
         rows.append(("architecture", type(config).__name__.replace("Config", "")))
     results = [(k, f"{v:.4f}") for k, v in metrics.items() if isinstance(v, float) and "per_class" not in k]
