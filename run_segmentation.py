@@ -94,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name_or_path", required=True, help="Stage-1 folder or Hub id.")
     add_data_arguments(parser)
     pseudo = parser.add_argument_group("pseudo-masks")
+    # Stage 1's names for the same config fields are accepted too (--attention_map_scales, ...).
     pseudo.add_argument(
         "--scales",
+        "--attention_map_scales",
+        dest="scales",
         type=float,
         nargs="+",
         help="Test-time scales whose maps are averaged, e.g. 0.75 1 1.5 2 (default: the stage-1 config's "
@@ -103,11 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pseudo.add_argument(
         "--flip",
+        "--attention_map_flip",
+        dest="flip",
         action=argparse.BooleanOptionalAction,
         help="Also average the maps of flipped inputs (default: the stage-1 config's attention_map_flip).",
     )
     pseudo.add_argument(
         "--refinement_iterations",
+        "--attention_map_refinement_iterations",
+        dest="refinement_iterations",
         type=int,
         help="Iterations of the refinement of the maps with the image, 0 = off (default: the stage-1 config's "
         "attention_map_refinement_iterations).",

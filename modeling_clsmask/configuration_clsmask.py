@@ -178,6 +178,11 @@ class ClsMaskConfig(PreTrainedConfig):
             raise ValueError(f"attention_map_affinity_power must be >= 0, got {self.attention_map_affinity_power}.")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must lie in [0, 1), got {self.patch_dropout}.")
+        if self.patch_dropout > 0 and self.diversity_loss_coefficient > 0:
+            raise ValueError(
+                "patch_dropout and diversity_loss_coefficient cannot both be on: the diversity loss needs the maps of "
+                "every patch, which patch dropout removes. Set one of them to 0."
+            )
         if not 0.0 <= self.token_mask_rate <= 1.0:
             raise ValueError(f"token_mask_rate must lie in [0, 1], got {self.token_mask_rate}.")
         if self.class_token_layers is not None and not 1 <= self.class_token_layers <= self.num_hidden_layers:

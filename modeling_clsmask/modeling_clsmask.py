@@ -21,7 +21,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .backbones import BackboneWeights, adapt_input_channels, read_backbone, resize_positions
 from .configuration_clsmask import ClsMaskConfig, check_attention_map_scales, check_refinement_iterations
@@ -779,6 +779,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         )
         return hidden_states, keep
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -786,7 +787,6 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         attention_map_layers: int | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         class_tokens_only: bool = False,
         **kwargs,
     ) -> ClsMaskModelOutput | tuple:
@@ -801,7 +801,6 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         dtype = self.embeddings.patch_embeddings.projection.weight.dtype
         hidden_states = self.embeddings(pixel_values.to(dtype))
         if self.pre_layernorm is not None:
@@ -810,6 +809,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         rows, cols = patch_grid(pixel_values, self.config.patch_size)
         num_patches = rows * cols
         if self.training and self.config.patch_dropout > 0 and not (output_class_attentions or output_attentions):
+            # Rows asked for must cover every patch (attentions, class maps), so dropout skips those calls.
             hidden_states, num_patches = self.drop_patches(hidden_states, num_patches)
 
         attention_mask = None
@@ -852,7 +852,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
             hidden_states=all_hidden,
             attentions=all_attentions,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
@@ -937,6 +937,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         power = config.attention_map_affinity_power if affinity_power is None else float(affinity_power)
         outputs = self.clsmask(
             pixel_values,
+            return_dict=True,
             output_class_attentions=True,
             attention_map_layers=attention_map_layers,
             class_tokens_only=not power,
@@ -992,6 +993,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         """(B, C, h, w) maps of one input as given, propagated by patch affinity when `power` > 0."""
         outputs = self.clsmask(
             pixel_values,
+            return_dict=True,
             output_class_attentions=True,
             attention_map_layers=attention_map_layers,
             class_tokens_only=not power,
@@ -1014,6 +1016,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         patches = outputs.last_hidden_state[:, num_classes : num_classes + num_patches]
         return propagate_by_affinity(class_maps, patches, power)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1022,7 +1025,6 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         attention_map_layers: int | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
     ) -> ClsMaskClassifierOutput | tuple:
         """One pass, the same in training and inference (test-time passes and refinement: `predict_class_maps`).
 
@@ -1030,7 +1032,6 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             masked.
         output_class_maps: also return the (B, C, h, w) class attention on the patch grid (and the per-layer rows).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         if output_hidden_states is None:
@@ -1039,6 +1040,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         output_class_maps = output_class_maps or diversity
         outputs = self.clsmask(
             pixel_values,
+            return_dict=True,
             output_class_attentions=output_class_maps,
             attention_map_layers=attention_map_layers,
             output_attentions=output_attentions,
@@ -1060,7 +1062,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 def segmenter_output(
@@ -1102,6 +1104,7 @@ class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
     `predict_class_maps` and the image processor's `post_process_semantic_segmentation`.
     """
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1110,7 +1113,6 @@ class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
         attention_map_layers: int | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
     ) -> ClsMaskSemanticSegmenterOutput | tuple:
         """One pass (see [`ClsMaskForMultiLabelClassification.forward`]); maps on the patch grid.
 
@@ -1118,21 +1120,20 @@ class ClsMaskForSemanticSegmentation(ClsMaskForMultiLabelClassification):
         image_labels: (B, num_labels) multi-hot; when given, `present` is these classes instead of the predicted
             ones (the usual WSSS protocol for pseudo-labelling a labelled training set).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = super().forward(
             pixel_values,
+            return_dict=True,
             labels=labels,
             output_class_maps=True,
             attention_map_layers=attention_map_layers,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            return_dict=True,
         )
         output = segmenter_output(
             self, outputs.logits, outputs.class_maps, image_labels, outputs.loss, outputs.hidden_states,
             outputs.attentions,
         )  # fmt: skip
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 __all__ = [

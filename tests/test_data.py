@@ -30,6 +30,10 @@ def test_optional_values_have_one_spelling():
     assert run_pretrain.parse_args([]).background_threshold == AUTO
     seg = run_segmentation.parse_args(["--model_name_or_path", "x", "--background_threshold", "0.5"])
     assert seg.background_threshold == 0.5
+    # Stage 2 accepts stage 1's names for the same map fields.
+    alias = run_segmentation.parse_args(["--model_name_or_path", "x", "--attention_map_scales", "1", "2",
+                                         "--no-attention_map_flip", "--attention_map_refinement_iterations", "0"])
+    assert (alias.scales, alias.flip, alias.refinement_iterations) == ([1.0, 2.0], False, 0)
     with pytest.raises(SystemExit):
         run_segmentation.parse_args(["--model_name_or_path", "x", "--background_threshold", "-2"])
 

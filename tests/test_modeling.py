@@ -211,6 +211,20 @@ def test_segmentation_logits_and_image_labels():
     assert set(masks[1].unique().tolist()) == {0, 2}
 
 
+def test_return_dict_false_gives_tuples():
+    # transformers' convention through its `can_return_tuple` decorator, per call or from the config.
+    pixels = torch.randn(1, 3, 32, 32)
+    for cls in (ClsMaskModel, ClsMaskForMultiLabelClassification, ClsMaskForSemanticSegmentation):
+        model = cls(tiny_config()).eval()
+        first = model(pixels)[0] if cls is ClsMaskModel else model(pixels).logits
+        as_tuple = model(pixels, return_dict=False)
+        assert isinstance(as_tuple, tuple), cls
+        torch.testing.assert_close(as_tuple[0], first)
+        model.config.return_dict = False
+        assert isinstance(model(pixels), tuple), cls
+        assert not isinstance(model(pixels, return_dict=True), tuple), cls
+
+
 def test_forward_and_predict_class_maps_agree_on_one_pass():
     # forward is one raw pass; predict_class_maps with no processing configured returns the same maps and classes.
     model = ClsMaskForSemanticSegmentation(tiny_config()).eval()
@@ -257,11 +271,23 @@ def test_multiband_input():
 
 
 def test_gradient_checkpointing(config):
+    # Checkpointed blocks run their forward again in the backward pass, and the gradients are those without it.
+    torch.manual_seed(0)
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1, 0, 0], [0, 1, 0]])
+    plain = ClsMaskForMultiLabelClassification(config).train()
     model = ClsMaskForMultiLabelClassification(config).train()
+    model.load_state_dict(plain.state_dict())
     model.activation_checkpointing_enable()
-    loss = model(torch.randn(2, 3, 32, 32), labels=torch.tensor([[1, 0, 0], [0, 1, 0]])).loss
-    loss.backward()
-    assert model.clsmask.layers[0].attention.q_proj.weight.grad is not None
+    calls = []
+    model.clsmask.layers[0].mlp.fc1.register_forward_hook(lambda *_: calls.append(1))  # (recomputation stops early)
+    torch.manual_seed(1)  # the same token-masking draws in both runs
+    model(pixels, labels=labels).loss.backward()
+    assert len(calls) == 2, "the block was not recomputed: checkpointing is off"
+    torch.manual_seed(1)
+    plain(pixels, labels=labels).loss.backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 @pytest.mark.parametrize("gates", [False, True])
@@ -443,6 +469,8 @@ def test_patch_dropout_training_only():
     clf(pixels, labels=torch.tensor([[1, 0, 0], [0, 1, 1]])).loss.backward()
     with pytest.raises(ValueError, match="patch_dropout"):
         tiny_config(patch_dropout=1.0)
+    with pytest.raises(ValueError, match="patch_dropout and diversity_loss_coefficient"):
+        tiny_config(patch_dropout=0.2, diversity_loss_coefficient=0.1)
 
 
 def test_gate_log_alpha_init():

@@ -66,6 +66,11 @@ def test_pipeline_background():
     labels = {r["label"]: r["score"] for r in result}
     assert set(labels) <= {"cat", "car"}  # cat (id 0) is background here
     assert "cat" not in labels or labels["cat"] is None
+    # At threshold 1 nearly every pixel is background (score None); with None no pixel is.
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    everything = {r["label"]: r for r in pipe(image, background_threshold=1.0)}
+    assert everything["cat"]["score"] is None and (np.asarray(everything["cat"]["mask"]) > 0).mean() > 0.9
+    assert all(r["score"] is not None for r in pipe(image, background_threshold=None))
     with pytest.raises(ValueError, match="Unknown label 'horse'"):
         pipe(Image.new("RGB", (32, 32)), labels=["horse"])
 

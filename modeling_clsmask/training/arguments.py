@@ -94,6 +94,12 @@ class DataArguments:
     def from_namespace(cls, namespace: argparse.Namespace) -> DataArguments:
         return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
 
+    def source_conflict(self) -> str | None:
+        """Why these arguments name no single source, or None."""
+        if self.voc_root and self.dataset_name:
+            return "Give either --voc_root or --dataset_name, not both."
+        return None
+
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The `DataArguments` fields as command-line options (one group, shared by both scripts)."""
@@ -163,8 +169,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, output_dir: str) -> No
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Contradictions a parser cannot express, reported as usage errors before anything runs."""
-    if args.voc_root and args.dataset_name:
-        parser.error("Give either --voc_root or --dataset_name, not both.")
+    conflict = DataArguments.from_namespace(args).source_conflict()
+    if conflict:
+        parser.error(conflict)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id.")
 

@@ -20,11 +20,11 @@ from PIL import Image
 
 from ..image_processing_clsmask import channels_first
 from .arguments import DataArguments
+from .metrics import IGNORE_INDEX
 
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "bands")
 LABEL_COLUMNS = ("labels", "label", "multi_label", "classes")
 MASK_COLUMNS = ("mask", "annotation", "segmentation", "semantic_mask", "label_mask")
@@ -290,10 +290,9 @@ def drop_undecodable(spec: DataSpec) -> DataSpec:
                     with Image.open(source) as img:
                         img.load()
                         if check_mask and column == spec.mask_column:
-                            values = np.unique(mask_to_array(img))
-                            values = values[values != IGNORE_INDEX]
-                            bad_values = values[(values < 0) | (values >= num_labels)].tolist()
-                            found = values.tolist()
+                            found = np.unique(mask_to_array(img))
+                            found = found[found != IGNORE_INDEX].tolist()
+                            bad_values = out_of_range(found, num_labels)
                 except Exception:  # noqa: BLE001 - any decoding failure means "skip this example"
                     return {"_ok": False, "_bad_mask": [], "_classes": []}
             return {"_ok": True, "_bad_mask": bad_values, "_classes": found}
@@ -304,10 +303,8 @@ def drop_undecodable(spec: DataSpec) -> DataSpec:
             spec.mask_classes = (spec.mask_classes or set()).union(*map(set, checked["_classes"]))
         for row, bad in enumerate(bad_masks):
             if bad:
-                raise ValueError(
-                    f"Split {name!r}, row {row}: mask value(s) {bad} out of range for {num_labels} classes "
-                    f"{spec.class_names} (255 = ignore). " + MASK_LAYOUT_HINT
-                )
+                message = mask_range_message(bad, spec.class_names)
+                raise ValueError(f"Split {name!r}, row {row}: {message[0].lower()}{message[1:]}")
         keep = [i for i, ok in enumerate(flags) if ok]
         skipped = len(split) - len(keep)
         if skipped:
@@ -352,8 +349,8 @@ def validate_splits(spec: DataSpec, splits: list[str]) -> None:
 
 def load_data(args: DataArguments) -> DataSpec:
     """The dataset `args` names (built-in shapes when none is given), checked image by image (`drop_undecodable`)."""
-    if args.voc_root and args.dataset_name:
-        raise ValueError("Give either voc_root (--voc_root) or dataset_name (--dataset_name), not both.")
+    if args.source_conflict():
+        raise ValueError(args.source_conflict())
     if args.voc_root:
         spec = resolve_dataset(
             load_voc(args.voc_root), f"voc:{args.voc_root}", label_names=VOC_CLASSES, background_label_id=0
@@ -422,15 +419,27 @@ def labels_to_multihot(
     return target
 
 
+def out_of_range(values: list[int], num_labels: int) -> list[int]:
+    """Mask values that are neither a class id (0..num_labels - 1) nor `IGNORE_INDEX`."""
+    return [int(v) for v in values if v != IGNORE_INDEX and not 0 <= v < num_labels]
+
+
+def mask_range_message(bad: list[int], classes: list[str] | int) -> str:
+    """The one message for mask values out of range; `classes` are the class names or their count."""
+    names = f" {classes}" if isinstance(classes, list) else ""
+    count = len(classes) if isinstance(classes, list) else classes
+    return (
+        f"Mask value(s) {bad} out of range for {count} classes{names} ({IGNORE_INDEX} = ignore). " + MASK_LAYOUT_HINT
+    )
+
+
 def labels_from_mask(mask: np.ndarray, num_labels: int, background_label_id: int | None) -> np.ndarray:
     """Image-level labels from a mask: the classes present, without background and ignore pixels."""
     values = np.unique(mask)
     values = values[values != IGNORE_INDEX]
-    if values.size and (values.min() < 0 or values.max() >= num_labels):
-        bad = values[(values < 0) | (values >= num_labels)]
-        raise ValueError(
-            f"Mask value(s) {bad.tolist()} out of range for {num_labels} labels (255 is ignore). {MASK_LAYOUT_HINT}"
-        )
+    bad = out_of_range(values.tolist(), num_labels)
+    if bad:
+        raise ValueError(mask_range_message(bad, num_labels))
     target = np.zeros(num_labels, dtype=np.float32)
     target[values] = 1.0
     if background_label_id is not None:
@@ -488,14 +497,9 @@ class ExampleEncoder:
                     spec.class_names,
                     spec.label_offset,
                 )
-                if mask is not None:
-                    present = np.unique(mask)
-                    bad = present[(present != IGNORE_INDEX) & ((present < 0) | (present >= self.num_labels))]
-                    if bad.size:
-                        raise ValueError(
-                            f"Mask value(s) {bad.tolist()} out of range for {self.num_labels} labels. "
-                            + MASK_LAYOUT_HINT
-                        )
+                bad = out_of_range(np.unique(mask).tolist(), self.num_labels) if mask is not None else []
+                if bad:
+                    raise ValueError(mask_range_message(bad, spec.class_names))
             labels.append(torch.from_numpy(target))
             if mask is not None:
                 mask_tensor = torch.from_numpy(mask)[None, None].float()

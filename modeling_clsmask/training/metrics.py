@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..pseudo_masks import normalize_maps
+
 
 IGNORE_INDEX = 255
 
@@ -88,9 +90,7 @@ def class_assignment_counts(
     sums 1/n over the counted regions (summed over a split and divided by the count, it is that split's chance level).
     """
     maps = F.interpolate(class_maps.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    flat = maps.flatten(2)
-    low, high = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
-    maps = ((flat - low) / (high - low).clamp_min(1e-12)).view_as(maps)[:, foreground]
+    maps = normalize_maps(maps)[:, foreground]
     regions = torch.stack([(masks == k) for k in foreground], dim=1).float()  # (B, F, H, W)
     area = regions.flatten(2).sum(-1)  # (B, F)
     inside = torch.einsum("bchw,bkhw->bck", maps, regions) / area.clamp_min(1).unsqueeze(1)  # map c over region k

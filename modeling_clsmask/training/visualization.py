@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .metrics import IGNORE_INDEX
+
 
 def to_display_image(pixels: torch.Tensor, mean, std) -> Image.Image:
     """Undo normalisation for a (C, H, W) tensor; first three bands (or band 0) as an RGB picture."""
@@ -37,7 +39,7 @@ def palette(num_classes: int) -> np.ndarray:
 def colourise(mask: np.ndarray, num_classes: int) -> Image.Image:
     """An (H, W) label map as an RGB image; 255 (ignore) is white."""
     colours = palette(num_classes)
-    index = np.where(mask == 255, len(colours) - 1, np.clip(mask, 0, num_classes - 1))
+    index = np.where(mask == IGNORE_INDEX, len(colours) - 1, np.clip(mask, 0, num_classes - 1))
     return Image.fromarray(colours[index])
 
 
