@@ -497,9 +497,11 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual, plus: `auto_map` for every head, and the custom image-segmentation pipeline."""
+        """Save as usual, plus: `auto_map` for every head, and the custom image-segmentation pipeline with the files
+        it imports (the image processor's), so the folder holds all the code its config names."""
         self.config.auto_map = {**AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
-        pipeline_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_clsmask.py")
+        here = os.path.dirname(os.path.abspath(__file__))
+        pipeline_file = os.path.join(here, "pipeline_clsmask.py")
         if os.path.exists(pipeline_file):  # absent when this class itself came from a Hub module cache
             self.config.custom_pipelines = {
                 **CUSTOM_PIPELINES,
@@ -507,7 +509,8 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
             }
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if os.path.exists(pipeline_file) and kwargs.get("is_main_process", True):
-            shutil.copy(pipeline_file, os.path.join(save_directory, "pipeline_clsmask.py"))
+            for name in ("pipeline_clsmask.py", "image_processing_clsmask.py"):
+                shutil.copy(os.path.join(here, name), os.path.join(save_directory, name))
         return result
 
     def _init_weights(self, module: nn.Module) -> None:

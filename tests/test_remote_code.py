@@ -72,6 +72,22 @@ def test_saved_folder_files_and_auto_map(tmp_path):
     assert processor["auto_map"]["AutoImageProcessor"] == "image_processing_clsmask.ClsMaskImageProcessor"
 
 
+def test_model_folder_holds_every_file_its_code_imports(tmp_path):
+    # The model alone (no processor saved): the pipeline named in custom_pipelines and every relative import of every
+    # copied file are in the folder.
+    import re
+
+    ClsMaskForMultiLabelClassification(tiny_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    named = {entry["impl"].split(".")[0] for entry in config["custom_pipelines"].values()}
+    named |= {target.split(".")[0] for target in config["auto_map"].values()}
+    files = {name[:-3] for name in os.listdir(tmp_path) if name.endswith(".py")}
+    assert named <= files, named - files
+    for name in files:
+        imported = set(re.findall(r"^from \.(\w+) import", (tmp_path / f"{name}.py").read_text(), re.M))
+        assert imported <= files, (name, imported - files)
+
+
 def test_remote_code_loading_in_fresh_process(tmp_path):
     model = saved_checkpoint(tmp_path / "ckpt")
     pixels = torch.randn(1, 3, 32, 32)

@@ -117,6 +117,25 @@ def test_pipeline_processor_and_stage2_pseudo_masks_are_equal(stage1, tmp_path):
     assert len({tuple(np.unique(np.asarray(m))) for m in saved["pseudo_mask"]}) > 1  # not one constant answer
 
 
+def test_stage2_keeps_stage1_normalisation(stage1, tmp_path):
+    # Stage 2 reads the stage-1 processor (was rebuilt from the config, losing --image_mean / --image_std).
+    import json
+    import shutil
+
+    folder = tmp_path / "stage1"
+    shutil.copytree(stage1, folder)
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    saved.update(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])
+    (folder / "preprocessor_config.json").write_text(json.dumps(saved))
+    config = ClsMaskForMultiLabelClassification.from_pretrained(folder).config
+    args = run_segmentation.parse_args(["--model_name_or_path", str(folder)])
+    processor = run_segmentation.stage1_processor(args, config)
+    assert (list(processor.image_mean), list(processor.image_std)) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert processor.background_threshold == saved["background_threshold"] is not None
+    args = run_segmentation.parse_args(["--model_name_or_path", str(folder), "--background_threshold", "none"])
+    assert run_segmentation.stage1_processor(args, config).background_threshold is None
+
+
 def test_segmentation_architectures():
     # Both from-scratch choices take the data's band count and classes, and ignore 255 in their loss.
     classes = ["background", "a", "b"]
