@@ -31,7 +31,7 @@ from modeling_clsmask import (
     ClsMaskForMultiLabelClassification,
     ClsMaskImageProcessor,
 )
-from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
+from modeling_clsmask.pseudo_masks import AUTO, MASK_ASSEMBLIES, resolve_threshold
 from modeling_clsmask.training.arguments import (
     DataArguments,
     add_data_arguments,
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--mask_assembly",
-        choices=["threshold", "argmax"],
+        choices=list(MASK_ASSEMBLIES),
         help="How maps become masks: the paper's above-mean painting by score, or the per-pixel argmax (preset).",
     )
     model.add_argument(

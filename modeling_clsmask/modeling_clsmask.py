@@ -938,15 +938,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             iterations = config.attention_map_refinement_iterations
         check_refinement_iterations(iterations)
         power = config.attention_map_affinity_power if affinity_power is None else float(affinity_power)
-        outputs = self.clsmask(
-            pixel_values,
-            return_dict=True,
-            output_class_attentions=True,
-            attention_map_layers=attention_map_layers,
-            class_tokens_only=not power,
-        )
+        outputs, maps = self.one_pass(pixel_values, power, attention_map_layers)
         logits, _, _ = self.classify(outputs.last_hidden_state[:, : config.num_labels], None)
-        maps = self.affinity_maps(self.raw_class_maps(pixel_values, outputs, attention_map_layers), outputs, power)
         if list(scales) != [1.0] or flip:
             maps = self.augmented_class_maps(pixel_values, maps, scales, flip, power, attention_map_layers)
         if iterations > 0:
@@ -981,7 +974,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
                     passes.append(class_maps.float())
                     continue
                 inputs = scaled.flip(-1) if flipped else scaled
-                maps = self.one_pass_maps(inputs, power, attention_map_layers).float()
+                maps = self.one_pass(inputs, power, attention_map_layers)[1].float()
                 passes.append(maps.flip(-1) if flipped else maps)
         grid = max((tuple(maps.shape[-2:]) for maps in passes), key=lambda shape: shape[0] * shape[1])
         total = 0
@@ -990,10 +983,11 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             total = total + nn.functional.interpolate(density, size=grid, mode="bilinear", align_corners=False)
         return (total / len(passes)).to(class_maps.dtype)
 
-    def one_pass_maps(
+    def one_pass(
         self, pixel_values: torch.Tensor, power: float, attention_map_layers: int | None = None
-    ) -> torch.Tensor:
-        """(B, C, h, w) maps of one input as given, propagated by patch affinity when `power` > 0."""
+    ) -> tuple[ClsMaskModelOutput, torch.Tensor]:
+        """The base model's outputs for one input as given, and its (B, C, h, w) maps, propagated by patch affinity
+        when `power` > 0 (the final patch tokens are computed only then)."""
         outputs = self.clsmask(
             pixel_values,
             return_dict=True,
@@ -1001,7 +995,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             attention_map_layers=attention_map_layers,
             class_tokens_only=not power,
         )
-        return self.affinity_maps(self.raw_class_maps(pixel_values, outputs, attention_map_layers), outputs, power)
+        maps = self.raw_class_maps(pixel_values, outputs, attention_map_layers)
+        return outputs, self.affinity_maps(maps, outputs, power)
 
     def raw_class_maps(
         self, pixel_values: torch.Tensor, outputs: ClsMaskModelOutput, attention_map_layers: int | None = None
