@@ -25,6 +25,7 @@ from modeling_clsmask.backbones import normalisation  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments  # noqa: E402
 from modeling_clsmask.training.baselines import frozen_baselines  # noqa: E402
 from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data  # noqa: E402
+from modeling_clsmask.training.presets import PRESETS  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -36,6 +37,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--splits", nargs="+", default=["validation"])
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--checkpoint", help="A trained clsmask folder whose eval_results.json to print beside.")
+    parser.add_argument(
+        "--background_threshold",
+        type=float,
+        default=PRESETS["pretrained"]["auto_background_threshold"],
+        help="Where the masks hold background: CAM paints it under this normalised score (the preset's 'auto').",
+    )
     args = parser.parse_args(argv)
     spec = load_data(DataArguments.from_namespace(args))
     mean, std = normalisation(args.init_from)
@@ -49,6 +56,7 @@ def main(argv=None) -> dict:
     )
     background = spec.background_label_id if spec.background_in_masks else None
     foreground = [i for i in range(len(spec.class_names)) if i != background]
+    painted = None if background is None else (background, args.background_threshold)
     train = eval_dataloader(spec.dataset[args.train_split], encoder, args.batch_size, args.train_samples)
     trained = {}
     if args.checkpoint:
@@ -56,7 +64,9 @@ def main(argv=None) -> dict:
             trained = json.load(handle)
     start = time.perf_counter()
     loaders = {split: eval_dataloader(spec.dataset[split], encoder, args.batch_size) for split in args.splits}
-    results = frozen_baselines(args.init_from, args.image_size, train, loaders, len(spec.class_names), foreground)
+    results = frozen_baselines(
+        args.init_from, args.image_size, train, loaders, len(spec.class_names), foreground, painted
+    )
     seconds = time.perf_counter() - start
     for split, figures in results.items():
         prefix = "test_" if split == "test" else ""

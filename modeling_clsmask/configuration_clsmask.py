@@ -7,6 +7,10 @@ from dataclasses import field
 from transformers import PreTrainedConfig
 
 
+# What class maps can be made of (`ClsMaskConfig.class_map_source`).
+CLASS_MAP_SOURCES = ("attention", "cam", "attention_cam")
+
+
 def check_attention_map_scales(scales) -> list[float]:
     """`scales` as floats, or a ValueError naming the field: a non-empty list of input scales in (0, 8]."""
     scales = [float(scale) for scale in scales]
@@ -86,6 +90,9 @@ class ClsMaskConfig(PreTrainedConfig):
             which matters only where pretrained weights do not overwrite it.
         class_token_isolation (`bool`): class-token queries attend only to the patch tokens and to themselves, not
             to other class tokens or [REG] tokens.
+        hide_class_tokens (`bool`): patch and [REG] queries do not attend to the class tokens, which only read
+            (CaiT's class attention). With a frozen backbone and class tokens in the last block, the final patch
+            tokens (what the patch classifier and the feature affinity read) are then the source's own.
         patch_dropout (`float`): share of patch tokens dropped at random per image in training (hide-and-seek: class
             tokens must attend to every patch of their class, not only the most telling one).
         class_token_layers (`int`, *optional*): the class tokens join only the last `class_token_layers` blocks
@@ -99,6 +106,15 @@ class ClsMaskConfig(PreTrainedConfig):
             patch tokens (the patch affinity MCTformer and ToCo use to complete class-token maps). A pretrained
             backbone's patch features group objects, so a class-token map that found part of an object spreads to
             the rest of it. 0 (default): off.
+        use_patch_classifier (`bool`): add a linear classifier on every final patch token, trained on the image
+            labels through the mean of its patch logits (the PatchCAM of MCTformer-V2, Xu et al., 2023). Its
+            per-patch scores are a CAM learnt beside the class tokens; `class_map_source` says whether maps use it.
+        patch_classifier_loss_weight (`float`): weight of the patch classifier's BCE in the loss.
+        class_map_source (`str`): what the class maps are made of. `"attention"`: the class tokens' attention over
+            the patches (the paper); `"cam"`: the patch classifier's scores; `"attention_cam"`: per class, the
+            geometric mean of both, each min-max normalised, so a patch scores high only when its class token
+            attends to it *and* the patch classifier sees the class there (MCTformer-V2 multiplies the two the same
+            way). The two need `use_patch_classifier`.
         gate_log_alpha_init (`float`): initial Hard Concrete `log_alpha`: 3 starts every gate open and nearly
             deterministic, 0 (the public code) starts them stochastic so pruning shows in short runs.
     """
@@ -139,12 +155,16 @@ class ClsMaskConfig(PreTrainedConfig):
     classifier_type: str = "shared"
     weight_init: str = "fan_in"
     class_token_isolation: bool = False
+    hide_class_tokens: bool = False
     patch_dropout: float = 0.0
     class_token_layers: int | None = None
     gate_log_alpha_init: float = 3.0
     backbone_family: str | None = None
     pre_layernorm: bool = False
     attention_map_affinity_power: float = 0.0
+    use_patch_classifier: bool = False
+    patch_classifier_loss_weight: float = 1.0
+    class_map_source: str = "attention"
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, (list, tuple)):
@@ -169,9 +189,17 @@ class ClsMaskConfig(PreTrainedConfig):
             ("patch_embedding_type", ("conv", "patchify")),
             ("classifier_type", ("shared", "flatten")),
             ("weight_init", ("fan_in", "normal")),
+            ("class_map_source", CLASS_MAP_SOURCES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.class_map_source != "attention" and not self.use_patch_classifier:
+            raise ValueError(
+                f"class_map_source {self.class_map_source!r} reads the patch classifier, which is off: set "
+                "use_patch_classifier=True (and train it), or class_map_source='attention'."
+            )
+        if not self.patch_classifier_loss_weight >= 0:
+            raise ValueError(f"patch_classifier_loss_weight must be >= 0, got {self.patch_classifier_loss_weight}.")
         if self.num_channels < 1:
             raise ValueError(f"num_channels must be at least 1, got {self.num_channels}.")
         if not self.attention_map_affinity_power >= 0:

@@ -64,15 +64,18 @@ class ClsMaskModelOutput(ModelOutput):
 @dataclass
 class ClsMaskClassifierOutput(ModelOutput):
     """
-    loss: BCE (+ L0 gate penalty) when `labels` is given.
-    logits: (B, C) class logits (sigmoid for probabilities).
-    class_maps: (B, C, h, w) class-to-patch attention aggregated over heads and the chosen layers, when asked for.
+    loss: BCE (+ L0 gate penalty, + the patch classifier's weighted BCE) when `labels` is given.
+    logits: (B, C) class logits of the class tokens (sigmoid for probabilities).
+    class_maps: (B, C, h, w) one pass's class maps (`config.class_map_source`; by default the class-to-patch
+        attention aggregated over heads and the chosen layers), when asked for.
     class_attentions: the attention rows of the class tokens, per layer asked for.
     l0_loss: the gate penalty before weighting (expected number of open gates), when gates are used.
+    patch_logits: (B, C) the patch classifier's image logits (the mean of its patch logits), when it is on.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    patch_logits: torch.FloatTensor | None = None
     class_maps: torch.FloatTensor | None = None
     class_attentions: tuple[torch.FloatTensor, ...] | None = None
     l0_loss: torch.FloatTensor | None = None
@@ -412,6 +415,20 @@ class ClsMaskClassTokenReadout(nn.Module):
         return self.dense(class_states).squeeze(-1) + self.bias
 
 
+class ClsMaskPatchClassifier(nn.Module):
+    """A linear classifier on every final patch token (PatchCAM). The class tokens pool the patches through a
+    softmax, which rewards the few most telling patches; a classifier trained through the *mean* of per-patch logits
+    must find its class on every patch that holds it, which is what a mask needs."""
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, patch_states: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) patch tokens -> (B, N, C) patch logits."""
+        return self.dense(patch_states)
+
+
 class ClsMaskMapRefinement(nn.Module):
     """Pixel-adaptive refinement of class maps with the input image (the PAR module of Ru et al., CVPR 2022, as ToCo
     uses it on its pseudo-labels). Not in the paper, which uses the maps as they are.
@@ -545,7 +562,8 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
 
         Copies the patch embedding, every block, the final norm (and CLIP's pre-encoder norm); the [CLS] token and
         its position embedding initialise every class token; the source's extra tokens (DeiT's distillation token,
-        DINOv2's registers) initialise the [REG] tokens, [CLS] the rest. `overrides` set other config fields:
+        DINOv2's registers) and one more started as [CLS] are the [REG] tokens (unless `num_register_tokens` is
+        given: the source's extra tokens first, the rest as [CLS]). `overrides` set other config fields:
         `image_size` (positions interpolated), `num_channels` (new bands from the RGB filters),
         `num_hidden_layers` (the first N blocks), `num_register_tokens`, gates, maps; fields that would need
         weights the source does not have (`hidden_size`, `patch_size`, ...) are refused with a message.
@@ -573,8 +591,11 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
         if id2label is not None:
             fields["id2label"] = {int(k): v for k, v in id2label.items()}
             fields["label2id"] = {v: int(k) for k, v in id2label.items()}
-        if weights.extra_tokens is not None:
-            fields["num_register_tokens"] = weights.extra_tokens.shape[1]
+        # The source's extra tokens and one [REG] started as [CLS]: where the class tokens join late, that [REG]
+        # carries the source's [CLS] through the blocks before them (without it DINOv2-S patch features degrade:
+        # frozen CAM 0.15 against 0.20 on CamVid tiles; docs/results.md).
+        extra = 0 if weights.extra_tokens is None else weights.extra_tokens.shape[1]
+        fields["num_register_tokens"] = extra + 1
         fields.update(
             patch_embedding_type="patchify",
             backbone_family=weights.family,
@@ -687,17 +708,23 @@ def diversity_loss(class_maps: torch.Tensor, present: torch.Tensor | None = None
 
 
 def class_token_isolation_mask(
-    num_classes: int, num_patches: int, num_registers: int, device: torch.device
+    num_classes: int,
+    num_patches: int,
+    num_registers: int,
+    device: torch.device,
+    isolate: bool = True,
+    hide: bool = False,
 ) -> torch.Tensor:
-    """Additive (1, 1, T, T) mask, 0 or the float32 minimum: class-token queries see the patches and themselves only.
-
-    Rows of patch and [REG] queries are not masked. Order: class tokens, patches, registers.
+    """Additive (1, 1, T, T) mask, 0 or the float32 minimum. `isolate`: class-token queries see the patches and
+    themselves only. `hide`: patch and [REG] queries do not see the class tokens. Order: class tokens, patches,
+    registers.
     """
     length = num_classes + num_patches + num_registers
     rows = torch.arange(length, device=device).view(-1, 1)
     cols = torch.arange(length, device=device).view(1, -1)
     is_patch = (cols >= num_classes) & (cols < num_classes + num_patches)
-    blocked = (rows < num_classes) & ~is_patch & (rows != cols)
+    blocked = (rows < num_classes) & ~is_patch & (rows != cols) & isolate
+    blocked = blocked | ((rows >= num_classes) & (cols < num_classes) & hide)
     mask = torch.zeros(length, length, device=device)
     return mask.masked_fill(blocked, torch.finfo(torch.float32).min)[None, None]
 
@@ -816,9 +843,14 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
             hidden_states, num_patches = self.drop_patches(hidden_states, num_patches)
 
         attention_mask = None
-        if self.config.class_token_isolation:
+        if self.config.class_token_isolation or self.config.hide_class_tokens:
             attention_mask = class_token_isolation_mask(
-                self.config.num_labels, num_patches, self.config.num_register_tokens, hidden_states.device
+                self.config.num_labels,
+                num_patches,
+                self.config.num_register_tokens,
+                hidden_states.device,
+                isolate=self.config.class_token_isolation,
+                hide=self.config.hide_class_tokens,
             )
 
         all_hidden = (hidden_states,) if output_hidden_states else None
@@ -866,6 +898,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         super().__init__(config)
         self.clsmask = ClsMaskModel(config)
         self.map_refinement = ClsMaskMapRefinement(config)
+        self.patch_classifier = ClsMaskPatchClassifier(config) if config.use_patch_classifier else None
         if config.classifier_type == "shared":
             self.classifier = ClsMaskClassTokenReadout(config)
         else:
@@ -993,7 +1026,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             return_dict=True,
             output_class_attentions=True,
             attention_map_layers=attention_map_layers,
-            class_tokens_only=not power,
+            class_tokens_only=not power and self.patch_classifier is None,
         )
         maps = self.raw_class_maps(pixel_values, outputs, attention_map_layers)
         return outputs, self.affinity_maps(maps, outputs, power)
@@ -1001,18 +1034,33 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
     def raw_class_maps(
         self, pixel_values: torch.Tensor, outputs: ClsMaskModelOutput, attention_map_layers: int | None = None
     ) -> torch.Tensor:
-        """(B, C, h, w) class-to-patch attention of one pass on its patch grid."""
+        """(B, C, h, w) class maps of one pass on its patch grid, from `config.class_map_source`."""
         grid = patch_grid(pixel_values, self.config.patch_size)
+        source = self.config.class_map_source
+        if source == "cam":
+            return self.cam_maps(outputs, grid)
         layers = self.clsmask.class_attention_layers(attention_map_layers)
-        return self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
+        maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
+        if source == "attention_cam":
+            cams = normalize_maps(self.cam_maps(outputs, grid).float())
+            maps = (normalize_maps(maps.float()) * cams).sqrt().to(maps.dtype)
+        return maps
+
+    def patch_tokens(self, outputs: ClsMaskModelOutput) -> torch.Tensor:
+        """(B, N, D) final patch tokens of `outputs` (class tokens first, registers last)."""
+        states = outputs.last_hidden_state
+        return states[:, self.config.num_labels : states.shape[1] - self.config.num_register_tokens]
+
+    def cam_maps(self, outputs: ClsMaskModelOutput, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, C, h, w) patch-classifier logits on the patch grid."""
+        logits = self.patch_classifier(self.patch_tokens(outputs))
+        return logits.transpose(1, 2).reshape(logits.shape[0], -1, *grid)
 
     def affinity_maps(self, class_maps: torch.Tensor, outputs: ClsMaskModelOutput, power: float) -> torch.Tensor:
         """`propagate_by_affinity` with the final patch tokens of `outputs`, when `power` > 0."""
         if not power:
             return class_maps
-        num_classes, num_patches = self.config.num_labels, class_maps.shape[-2] * class_maps.shape[-1]
-        patches = outputs.last_hidden_state[:, num_classes : num_classes + num_patches]
-        return propagate_by_affinity(class_maps, patches, power)
+        return propagate_by_affinity(class_maps, self.patch_tokens(outputs), power)
 
     @can_return_tuple
     def forward(
@@ -1043,10 +1091,16 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             attention_map_layers=attention_map_layers,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            class_tokens_only=not (output_attentions or output_hidden_states),
+            class_tokens_only=not (output_attentions or output_hidden_states or self.patch_classifier is not None),
         )
         class_states = outputs.last_hidden_state[:, : self.config.num_labels]
         logits, loss, l0 = self.classify(class_states, labels)
+        patch_logits = None
+        if self.patch_classifier is not None:
+            patch_logits = self.patch_classifier(self.patch_tokens(outputs)).mean(1)
+            if labels is not None:
+                patch_loss = nn.functional.binary_cross_entropy_with_logits(patch_logits.float(), labels.float())
+                loss = loss + self.config.patch_classifier_loss_weight * patch_loss
         class_maps = self.raw_class_maps(pixel_values, outputs, attention_map_layers) if output_class_maps else None
         if diversity:
             present = self.check_labels(labels, class_maps.shape[0])
@@ -1054,6 +1108,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         output = ClsMaskClassifierOutput(
             loss=loss,
             logits=logits,
+            patch_logits=patch_logits,
             class_maps=class_maps,
             class_attentions=outputs.class_attentions,
             l0_loss=l0,

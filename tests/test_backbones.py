@@ -118,6 +118,35 @@ def test_patch_tokens_match_the_source(tmp_path):
     )
 
 
+@pytest.mark.parametrize("build", [dinov2, dinov2_registers, deit])
+def test_late_class_tokens_see_the_source_features(tmp_path, build):
+    # With class tokens only in the last block, the blocks before run without them: the default [REG] tokens (the
+    # source's extra tokens and its [CLS]) keep the patch tokens entering the last block equal to the source's.
+    source, extra, _ = build()
+    perturb(source)
+    source.eval().save_pretrained(tmp_path / "source")
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = source(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1 + extra :]
+    model = ClsMaskForMultiLabelClassification.from_pretrained_backbone(
+        str(tmp_path / "source"), id2label={0: "a", 1: "b"}, class_token_layers=1
+    ).eval()
+    assert model.config.num_register_tokens == extra + 1
+    with torch.no_grad():
+        states = model.clsmask(pixels, output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(states[:, 2 : 2 + expected.shape[1]], expected, atol=1e-4, rtol=1e-4)
+    # Hidden from the patches, the class tokens leave the final patch tokens equal to the source's as well.
+    model.config.hide_class_tokens = True
+    final = source_patch_states(source, extra, lambda out: out, pixels)
+    with torch.no_grad():
+        got = model.clsmask(pixels).last_hidden_state[:, 2 : 2 + final.shape[1]]
+    torch.testing.assert_close(got, final, atol=1e-4, rtol=1e-4)
+    model.config.hide_class_tokens = False
+    with torch.no_grad():
+        seen = model.clsmask(pixels).last_hidden_state[:, 2 : 2 + final.shape[1]]
+    assert not torch.allclose(seen, final, atol=1e-3)
+
+
 def test_dinov2_position_grid_is_interpolated_and_registers_carried(tmp_path):
     source, _, _ = dinov2_registers()
     source.save_pretrained(tmp_path / "source")
@@ -126,8 +155,10 @@ def test_dinov2_position_grid_is_interpolated_and_registers_carried(tmp_path):
     )
     embeddings = model.clsmask.embeddings
     assert embeddings.position_embeddings.shape == (1, 16, 32)  # 2 x 2 grid -> 4 x 4
-    assert model.config.num_register_tokens == 3
-    torch.testing.assert_close(embeddings.register_tokens, source.embeddings.register_tokens)
+    # The source's 3 registers, then the [REG] that carries [CLS] through blocks without class tokens.
+    assert model.config.num_register_tokens == 4
+    torch.testing.assert_close(embeddings.register_tokens[:, :3], source.embeddings.register_tokens)
+    torch.testing.assert_close(embeddings.register_tokens[:, 3:], source.embeddings.cls_token)
     assert model(torch.randn(1, 3, 56, 56)).class_maps.shape[-2:] == (4, 4)
 
 

@@ -174,7 +174,7 @@ def test_vit_init_with_more_tokens_and_new_grid(tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     model = ClsMaskForMultiLabelClassification.from_vit_pretrained(
         str(tmp_path / "vit"), id2label={0: "a", 1: "b"}, image_size=48, use_head_gates=True
-    )
+    )  # ViT has no extra tokens: the one [REG] token starts as [CLS]
     emb = model.clsmask.embeddings
     assert emb.position_embeddings.shape == (1, 36, 32)
     cls_pos = vit.embeddings.position_embeddings[:, :1]
@@ -668,3 +668,48 @@ def test_affinity_maps_in_the_model_only_at_inference():
     assert not torch.allclose(spread.class_maps, raw.class_maps)
     torch.testing.assert_close(spread.class_logits, raw.logits)
     torch.testing.assert_close(model.predict_class_maps(pixels, affinity_power=0).class_maps, raw.class_maps)
+
+
+def test_patch_classifier_loss_and_maps_against_explicit_computation():
+    # The patch classifier reads every final patch token: its image logits are the mean of the patch logits, its BCE
+    # joins the loss with its weight, and the map sources are the attention, the CAM, or their geometric mean.
+    from modeling_clsmask.pseudo_masks import normalize_maps
+
+    torch.manual_seed(0)
+    config = tiny_config(use_patch_classifier=True, patch_classifier_loss_weight=0.5, class_map_source="cam")
+    model = ClsMaskForMultiLabelClassification(config).eval()
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    out = model(pixels, labels=labels, output_class_maps=True)
+    patches = model.clsmask(pixels).last_hidden_state[:, 3 : 3 + 16]
+    patch_logits = model.patch_classifier.dense(patches)
+    torch.testing.assert_close(out.patch_logits, patch_logits.mean(1))
+    class_loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
+    patch_loss = torch.nn.functional.binary_cross_entropy_with_logits(patch_logits.mean(1), labels)
+    torch.testing.assert_close(out.loss, class_loss + 0.5 * patch_loss)
+    cams = patch_logits.transpose(1, 2).reshape(2, 3, 4, 4)
+    torch.testing.assert_close(out.class_maps, cams)
+    model.config.class_map_source = "attention"
+    attention = model(pixels, output_class_maps=True).class_maps
+    assert not torch.allclose(attention, cams)
+    model.config.class_map_source = "attention_cam"
+    fused = model(pixels, output_class_maps=True).class_maps
+    torch.testing.assert_close(fused, (normalize_maps(attention) * normalize_maps(cams)).sqrt())
+    # The masks' maps go the same way (one pass, affinity off): the pipeline sees the fused maps.
+    torch.testing.assert_close(model.predict_class_maps(pixels).class_maps, fused)
+    # The patch classifier learns: its weights get gradients from the loss.
+    model.train()
+    model(pixels, labels=labels).loss.backward()
+    assert model.patch_classifier.dense.weight.grad.abs().sum() > 0
+
+
+def test_patch_classifier_config_checks_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="use_patch_classifier=True"):
+        tiny_config(class_map_source="attention_cam")
+    with pytest.raises(ValueError, match="class_map_source must be one of"):
+        tiny_config(use_patch_classifier=True, class_map_source="both")
+    config = tiny_config(use_patch_classifier=True, class_map_source="attention_cam")
+    model = ClsMaskForMultiLabelClassification(config)
+    model.save_pretrained(tmp_path)
+    loaded = ClsMaskForMultiLabelClassification.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.patch_classifier.dense.weight, model.patch_classifier.dense.weight)
+    assert ClsMaskForMultiLabelClassification(tiny_config()).patch_classifier is None

@@ -2,7 +2,9 @@
 
 - label-only: every pixel takes the image's first label (no localisation at all);
 - CAM: a multi-label logistic head on the mean of the frozen patch tokens, applied to every patch token; per image
-  the CAMs of its labels are upsampled (bilinear), min-max normalised and the argmax is taken (Zhou et al., 2016);
+  the CAMs of its labels are min-max normalised, upsampled (bilinear) and the argmax is taken (Zhou et al., 2016);
+  where the masks hold background, pixels whose best score is under the model's background threshold are background
+  (the usual CAM protocol), so CAM is held to the same rule as the model;
 - linear probe: a per-patch linear classifier trained on the training masks (majority label per patch), a ceiling
   for frozen features that uses pixel labels, argmax over all classes.
 
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..backbones import read_backbone
 from ..modeling_clsmask import ClsMaskModel
 from ..pseudo_masks import normalize_maps
 from .data import IGNORE_INDEX
@@ -25,7 +28,11 @@ from .metrics import average_precision, confusion_matrices, iou_from_confusion
 
 def frozen_backbone(path: str, image_size) -> ClsMaskModel:
     """The backbone at `image_size`, as the source computes it (one class token, the source's extra tokens)."""
-    return ClsMaskModel.from_pretrained_backbone(path, id2label={0: "cls"}, image_size=image_size).eval()
+    extra = read_backbone(path).extra_tokens
+    registers = 0 if extra is None else extra.shape[1]
+    return ClsMaskModel.from_pretrained_backbone(
+        path, id2label={0: "cls"}, image_size=image_size, num_register_tokens=registers
+    ).eval()
 
 
 @torch.no_grad()
@@ -83,24 +90,41 @@ def patch_majority_labels(masks: torch.Tensor, grid: tuple[int, int], num_classe
 
 
 @torch.no_grad()
-def score(maps: torch.Tensor, masks: torch.Tensor, num_classes: int, allowed: torch.Tensor | None) -> float:
-    """mIoU of the argmax of (N, C, h, w) maps upsampled to the masks, over `allowed` (N, C) classes if given."""
+def score(
+    maps: torch.Tensor,
+    masks: torch.Tensor,
+    num_classes: int,
+    allowed: torch.Tensor | None,
+    background: tuple[int, float] | None = None,
+) -> float:
+    """mIoU of the argmax of (N, C, h, w) maps upsampled to the masks, over `allowed` (N, C) classes if given;
+    `background` (id, threshold): pixels whose best score is under the threshold take the background id."""
     confusion = 0
     for start in range(0, maps.shape[0], 64):
         chunk = F.interpolate(maps[start : start + 64], size=masks.shape[-2:], mode="bilinear", align_corners=False)
         if allowed is not None:
             chunk = torch.where(allowed[start : start + 64, :, None, None].bool(), chunk, torch.full_like(chunk, -1e9))
-        confusion = confusion + confusion_matrices(chunk.argmax(1), masks[start : start + 64], num_classes).sum(0)
+        best, predicted = chunk.max(1)
+        if background is not None:
+            predicted = torch.where(best < background[1], torch.full_like(predicted, background[0]), predicted)
+        confusion = confusion + confusion_matrices(predicted, masks[start : start + 64], num_classes).sum(0)
     return iou_from_confusion(confusion)["mean_iou"]
 
 
 def frozen_baselines(
-    path: str, image_size, train_loader, eval_loaders: dict, num_classes: int, foreground: list[int] | None = None
+    path: str,
+    image_size,
+    train_loader,
+    eval_loaders: dict,
+    num_classes: int,
+    foreground: list[int] | None = None,
+    background: tuple[int, float] | None = None,
 ) -> dict[str, dict]:
     """Label-only, frozen-backbone CAM and fully supervised linear-probe figures for each of `eval_loaders`
     ({name: loader}; see module doc), with one backbone and one pair of heads fitted on `train_loader`.
 
-    `foreground`: the class ids CAM and label-only may paint (all classes when None)."""
+    `foreground`: the class ids CAM and label-only may paint (all classes when None); `background` (id, threshold):
+    CAM paints that id where its best normalised score is under the threshold (None: never)."""
     backbone = frozen_backbone(path, image_size)
     train_x, train_y, train_m = patch_features(backbone, train_loader, desc="baseline features (train)")
     foreground = list(range(num_classes)) if foreground is None else foreground
@@ -122,7 +146,7 @@ def frozen_baselines(
         if eval_m is None:
             continue
         allowed = eval_y.bool() & keep
-        figures["frozen_cam_mean_iou"] = score(normalize_maps(cams), eval_m, num_classes, allowed)
+        figures["frozen_cam_mean_iou"] = score(normalize_maps(cams), eval_m, num_classes, allowed, background)
         first = allowed.float().argmax(1)
         label_only = F.one_hot(first, num_classes).float()[:, :, None, None].expand(-1, -1, *eval_m.shape[-2:])
         figures["label_only_mean_iou"] = score(label_only, eval_m, num_classes, None)
