@@ -76,6 +76,12 @@ def main(argv=None) -> dict:
             f" label-only {figures['label_only_mean_iou']:.4f} | frozen CAM {figures['frozen_cam_mean_iou']:.4f} "
             f"(mAP {figures['frozen_cam_mAP']:.4f}) | fully supervised linear probe "
             f"{figures.get('linear_probe_mean_iou', float('nan')):.4f}"
+            + (
+                f" | CAM at its best background threshold {figures['frozen_cam_tuned_mean_iou']:.4f} "
+                f"({figures['frozen_cam_tuned_threshold']})"
+                if "frozen_cam_tuned_mean_iou" in figures
+                else ""
+            )
             + (f" | clsmask checkpoint {ours:.4f}" if ours is not None else "")
         )
     return results

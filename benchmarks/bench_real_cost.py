@@ -46,6 +46,9 @@ def main(argv=None) -> dict:
             image_size=args.size,
             class_token_layers=preset["class_token_layers"],
             attention_map_layers=preset["attention_map_layers"],
+            hide_class_tokens=preset["hide_class_tokens"],
+            use_patch_classifier=preset["use_patch_classifier"],
+            class_map_source=preset["class_map_source"],
         ).eval()
     config = model.config
     pixels = torch.randn(args.batch, 3, args.size, args.size)

@@ -90,7 +90,7 @@ class ClsMaskSemanticSegmenterOutput(ModelOutput):
         (the most probable one when none is), -1 elsewhere. Their argmax is a coarse mask without background;
         `ClsMaskImageProcessor.post_process_semantic_segmentation` builds the pseudo-mask from `class_maps`,
         `class_probs` and `present` instead.
-    class_maps: (B, C, h, w): from `forward`, one pass's class attention on the patch grid; from
+    class_maps: (B, C, h, w): from `forward`, one pass's class maps on the patch grid (`config.class_map_source`); from
         `predict_class_maps`, after the configured map processing.
     class_logits / class_probs: (B, C) image-level outputs. present: (B, C) bool, classes used for the masks.
     """
@@ -1076,7 +1076,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
 
         labels: (B, num_labels) multi-hot image labels. They give the loss and, in training, which tokens may be
             masked.
-        output_class_maps: also return the (B, C, h, w) class attention on the patch grid (and the per-layer rows).
+        output_class_maps: also return the (B, C, h, w) class maps on the patch grid (and the class attention rows).
         """
         if output_attentions is None:
             output_attentions = self.config.output_attentions

@@ -241,6 +241,11 @@ def test_frozen_baselines_known_answers(tmp_path):
     for figures in results.values():
         assert figures["label_only_mean_iou"] == 1.0 and figures["frozen_cam_mean_iou"] == 1.0
         assert 0.0 <= figures["linear_probe_mean_iou"] <= 1.0 and 0.0 <= figures["frozen_cam_mAP"] <= 1.0
+    # With background (id 0 here, threshold 1.01: every pixel is background) CAM is also scored at its best threshold.
+    painted = frozen_baselines(str(tmp_path / "source"), 28, loader(24, 0), {"a": loader(8, 1)}, 3, [1, 2], (0, 1.01))
+    figures = painted["a"]
+    assert figures["frozen_cam_tuned_threshold"] in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    assert figures["frozen_cam_tuned_mean_iou"] > figures["frozen_cam_mean_iou"]
     # Majority label per patch, void where a patch holds only void pixels.
     masks = torch.tensor([[[0, 0, 1, 255], [0, 1, 1, 255]]])
     assert patch_majority_labels(masks, (1, 2), 2).tolist() == [[[0, 1]]]

@@ -36,7 +36,7 @@ CONFIG_FIELDS = (
     "token_mask_rate", "use_head_gates", "l0_penalty", "attention_map_layers", "attention_map_layer_ids",
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
     "attention_map_refinement_sigma", "class_token_layers", "class_token_isolation", "backbone_family",
-    "attention_map_affinity_power",
+    "attention_map_affinity_power", "hide_class_tokens", "use_patch_classifier", "class_map_source",
 )  # fmt: skip
 # Mask settings live in the saved image processor (preprocessor_config.json).
 PROCESSOR_FIELDS = ("background_threshold", "mask_assembly")
@@ -74,6 +74,19 @@ def masking_sentence(config) -> str:
     if rate > 0:
         return f"with class-specific token masking (absent classes' tokens zeroed with probability {rate})"
     return "without token masking (`token_mask_rate` 0; the paper uses 0.5)"
+
+
+def maps_sentence(config) -> str:
+    """Where the run's pseudo-masks come from (`class_map_source`)."""
+    source = getattr(config, "class_map_source", "attention")
+    if source == "attention_cam":
+        return (
+            "Its pseudo-masks come from the per-class [CLS] tokens' attention over the patches, combined (geometric "
+            "mean) with the CAM of a patch classifier trained beside them; no CRF."
+        )
+    if source == "cam":
+        return "Its pseudo-masks come from the CAM of a patch classifier trained beside the class tokens; no CRF."
+    return "Its per-class [CLS] tokens' attention over the patches gives pseudo-masks, without a CAM module or CRF."
 
 
 def backbone_sentence(config, args: dict) -> str:
@@ -118,6 +131,7 @@ def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, s
         paper=PAPER,
         paper_url=PAPER_URL,
         masking_sentence=masking_sentence(config),
+        maps_sentence=maps_sentence(config),
         backbone_sentence=backbone_sentence(config, args),
         data_description=f"`{spec.source}` ({splits}).",
         num_labels=len(spec.class_names),
