@@ -151,13 +151,11 @@ def frozen_baselines(
         if eval_m is None:
             continue
         allowed = eval_y.bool() & keep
-        figures["frozen_cam_mean_iou"] = score(normalize_maps(cams), eval_m, num_classes, allowed, background)
+        cams = normalize_maps(cams)
+        figures["frozen_cam_mean_iou"] = score(cams, eval_m, num_classes, allowed, background)
         if background is not None:
             # CAM at its own best threshold on this split: optimistic for CAM, so a win over it is not a threshold's.
-            tuned = {
-                t: score(normalize_maps(cams), eval_m, num_classes, allowed, (background[0], t))
-                for t in CAM_THRESHOLDS
-            }
+            tuned = {t: score(cams, eval_m, num_classes, allowed, (background[0], t)) for t in CAM_THRESHOLDS}
             best = max(tuned, key=tuned.get)
             figures.update(frozen_cam_tuned_mean_iou=tuned[best], frozen_cam_tuned_threshold=best)
         first = allowed.float().argmax(1)
