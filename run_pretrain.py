@@ -39,6 +39,7 @@ from modeling_clsmask.training.arguments import (
     add_output_arguments,
     add_training_arguments,
     check_arguments,
+    fraction_or_auto,
     optional_fraction,
     tracked_arguments,
 )
@@ -75,6 +76,7 @@ from modeling_clsmask.training.presets import (
     REFINED_BACKGROUND,
     apply_preset,
     describe_preset,
+    resolve_token_mask_rate,
 )
 from modeling_clsmask.training.visualization import attention_panel, stack_rows, to_display_image
 
@@ -105,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num_attention_heads", type=int, help="Heads per block (preset / the backbone's).")
     model.add_argument("--intermediate_size", type=int, help="MLP width (preset / the backbone's).")
     model.add_argument("--num_register_tokens", type=int, help="[REG] tokens (preset; paper: 1).")
-    model.add_argument("--token_mask_rate", type=float, help="Class-specific token masking rate (preset; paper: 0.5).")
+    model.add_argument(
+        "--token_mask_rate",
+        type=fraction_or_auto,
+        help="Class-specific token masking rate, or 'auto' (preset; paper: 0.5).",
+    )
     model.add_argument(
         "--patch_embedding_type",
         choices=["conv", "patchify"],
@@ -235,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="Learning-rate factor for parameters the backbone does not have (class tokens, readout) (preset).",
     )
+    model.add_argument(
+        "--patch_classifier_lr_multiplier",
+        type=float,
+        help="Learning-rate factor for the patch classifier, a linear probe on the patch tokens (preset; default: "
+        "--new_parameter_lr_multiplier).",
+    )
 
     train = parser.add_argument_group("training")
     add_training_arguments(
@@ -335,10 +347,14 @@ def foreground_ids(processor: ClsMaskImageProcessor, num_labels: int) -> list[in
 ONE_PASS = {"scales": [1.0], "flip": False, "refinement_iterations": 0}
 
 
-def build_model(args, class_names: list[str]) -> ClsMaskForMultiLabelClassification:
-    """A model from scratch, or around a pretrained backbone (`--init_from`), configured from the arguments."""
+def build_model(
+    args, class_names: list[str], background_label_id: int | None = None
+) -> ClsMaskForMultiLabelClassification:
+    """A model from scratch, or around a pretrained backbone (`--init_from`), configured from the arguments.
+    `background_label_id`: the data's background class, if any (it resolves `--token_mask_rate auto`)."""
     id2label = dict(enumerate(class_names))
     fields = {name: getattr(args, name) for name in CONFIG_FROM_ARGS}
+    fields["token_mask_rate"] = resolve_token_mask_rate(args, background_label_id is not None)
     fields["class_token_layers"] = args.class_token_layers or None
     # Unless given (by the user or the preset): every block the class tokens take part in.
     map_layers = args.attention_map_layers or args.class_token_layers or args.num_hidden_layers
@@ -476,23 +492,24 @@ NEW_PARAMETERS = ("class_tokens", "class_position_embeddings", "register_", "cla
 
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW (or Adam) over the trainable parameters: no decay on NO_DECAY, `new_parameter_lr_multiplier` x the
-    learning rate on NEW_PARAMETERS."""
+    """AdamW (or Adam) over the trainable parameters: no decay on NO_DECAY; `learning_rate` times
+    `new_parameter_lr_multiplier` on NEW_PARAMETERS and times `patch_classifier_lr_multiplier` on the patch classifier
+    (a linear head on frozen features needs a far larger step than a fine-tuned block)."""
+    new_factor = args.new_parameter_lr_multiplier or 1.0
+    patch_factor = args.patch_classifier_lr_multiplier or new_factor
     groups = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         decay = not any(key in name for key in NO_DECAY)
-        new = any(key in name for key in NEW_PARAMETERS)
-        groups.setdefault((decay, new), []).append(parameter)
-    multiplier = args.new_parameter_lr_multiplier or 1.0
+        if name.startswith("patch_classifier."):
+            factor = patch_factor
+        else:
+            factor = new_factor if any(key in name for key in NEW_PARAMETERS) else 1.0
+        groups.setdefault((decay, factor), []).append(parameter)
     param_groups = [
-        {
-            "params": params,
-            "weight_decay": args.weight_decay if decay else 0.0,
-            "lr": args.learning_rate * (multiplier if new else 1.0),
-        }
-        for (decay, new), params in groups.items()
+        {"params": params, "weight_decay": args.weight_decay if decay else 0.0, "lr": args.learning_rate * factor}
+        for (decay, factor), params in groups.items()
     ]
     optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     return optimizer_cls(param_groups, lr=args.learning_rate)
@@ -593,7 +610,10 @@ def main(argv: list[str] | None = None) -> dict:
             + ("painted (pass --background_threshold to paint it anyway)." if args.background_threshold == AUTO else
                f"painted at --background_threshold {args.background_threshold} although no mask has it.")
         )  # fmt: skip
-    model = build_model(args, spec.class_names)
+    model = build_model(args, spec.class_names, spec.background_label_id)
+    if args.token_mask_rate == AUTO:
+        which = "include a background class" if spec.background_label_id is not None else "have no background class"
+        logger.info(f"Token masking 'auto': rate {model.config.token_mask_rate} (the classes {which}).")
     processor = ClsMaskImageProcessor.from_model_config(
         model.config,
         **normalisation(args, model),

@@ -76,7 +76,7 @@ def rescore(folder: str, variant: str) -> dict:
         if name not in MAP_FIELDS and hasattr(args, name):
             setattr(args, name, value)
     spec = load_data(DataArguments.from_namespace(args))
-    current = run_pretrain.build_model(args, spec.class_names).config
+    current = run_pretrain.build_model(args, spec.class_names, spec.background_label_id).config
     model = ClsMaskForMultiLabelClassification.from_pretrained(
         folder, **{name: getattr(current, name) for name in MAP_FIELDS}
     ).eval()

@@ -65,17 +65,21 @@ class ClsMaskModelOutput(ModelOutput):
 class ClsMaskClassifierOutput(ModelOutput):
     """
     loss: BCE (+ L0 gate penalty, + the patch classifier's weighted BCE) when `labels` is given.
-    logits: (B, C) class logits of the class tokens (sigmoid for probabilities).
+    logits: (B, C) image class logits (sigmoid for probabilities): the class tokens' readout, averaged with the patch
+        classifier's image logits when it is on (two heads on one backbone; the average ranks classes better than
+        either alone).
     class_maps: (B, C, h, w) one pass's class maps (`config.class_map_source`; by default the class-to-patch
         attention aggregated over heads and the chosen layers), when asked for.
     class_attentions: the attention rows of the class tokens, per layer asked for.
     l0_loss: the gate penalty before weighting (expected number of open gates), when gates are used.
     patch_logits: (B, C) the patch classifier's image logits (the mean of its patch logits), when it is on.
+    class_token_logits: (B, C) the class tokens' readout alone (equal to `logits` without the patch classifier).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     patch_logits: torch.FloatTensor | None = None
+    class_token_logits: torch.FloatTensor | None = None
     class_maps: torch.FloatTensor | None = None
     class_attentions: tuple[torch.FloatTensor, ...] | None = None
     l0_loss: torch.FloatTensor | None = None
@@ -973,6 +977,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         power = config.attention_map_affinity_power if affinity_power is None else float(affinity_power)
         outputs, maps = self.one_pass(pixel_values, power, attention_map_layers)
         logits, _, _ = self.classify(outputs.last_hidden_state[:, : config.num_labels], None)
+        if self.patch_classifier is not None:
+            logits = self.image_logits(logits, self.patch_image_logits(outputs))
         if list(scales) != [1.0] or flip:
             maps = self.augmented_class_maps(pixel_values, maps, scales, flip, power, attention_map_layers)
         if iterations > 0:
@@ -1051,6 +1057,17 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         states = outputs.last_hidden_state
         return states[:, self.config.num_labels : states.shape[1] - self.config.num_register_tokens]
 
+    def patch_image_logits(self, outputs: ClsMaskModelOutput) -> torch.Tensor:
+        """(B, C) the patch classifier's image logits: the mean of its patch logits."""
+        return self.patch_classifier(self.patch_tokens(outputs)).mean(1)
+
+    @staticmethod
+    def image_logits(class_token_logits: torch.Tensor, patch_logits: torch.Tensor | None) -> torch.Tensor:
+        """The image logits the model reports: the average of its two heads when the patch classifier is on."""
+        if patch_logits is None:
+            return class_token_logits
+        return (class_token_logits + patch_logits) / 2
+
     def cam_maps(self, outputs: ClsMaskModelOutput, grid: tuple[int, int]) -> torch.Tensor:
         """(B, C, h, w) patch-classifier logits on the patch grid."""
         logits = self.patch_classifier(self.patch_tokens(outputs))
@@ -1094,10 +1111,10 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             class_tokens_only=not (output_attentions or output_hidden_states or self.patch_classifier is not None),
         )
         class_states = outputs.last_hidden_state[:, : self.config.num_labels]
-        logits, loss, l0 = self.classify(class_states, labels)
+        class_token_logits, loss, l0 = self.classify(class_states, labels)
         patch_logits = None
         if self.patch_classifier is not None:
-            patch_logits = self.patch_classifier(self.patch_tokens(outputs)).mean(1)
+            patch_logits = self.patch_image_logits(outputs)
             if labels is not None:
                 patch_loss = nn.functional.binary_cross_entropy_with_logits(patch_logits.float(), labels.float())
                 loss = loss + self.config.patch_classifier_loss_weight * patch_loss
@@ -1107,8 +1124,9 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             loss = loss + self.config.diversity_loss_coefficient * diversity_loss(class_maps, present)
         output = ClsMaskClassifierOutput(
             loss=loss,
-            logits=logits,
+            logits=self.image_logits(class_token_logits, patch_logits),
             patch_logits=patch_logits,
+            class_token_logits=class_token_logits,
             class_maps=class_maps,
             class_attentions=outputs.class_attentions,
             l0_loss=l0,

@@ -683,7 +683,11 @@ def test_patch_classifier_loss_and_maps_against_explicit_computation():
     patches = model.clsmask(pixels).last_hidden_state[:, 3 : 3 + 16]
     patch_logits = model.patch_classifier.dense(patches)
     torch.testing.assert_close(out.patch_logits, patch_logits.mean(1))
-    class_loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
+    # The reported logits average the two heads; the loss is each head's own BCE.
+    torch.testing.assert_close(out.logits, (out.class_token_logits + patch_logits.mean(1)) / 2)
+    assert not torch.allclose(out.logits, out.class_token_logits)
+    torch.testing.assert_close(model.predict_class_maps(pixels).class_logits, out.logits)
+    class_loss = torch.nn.functional.binary_cross_entropy_with_logits(out.class_token_logits, labels)
     patch_loss = torch.nn.functional.binary_cross_entropy_with_logits(patch_logits.mean(1), labels)
     torch.testing.assert_close(out.loss, class_loss + 0.5 * patch_loss)
     cams = patch_logits.transpose(1, 2).reshape(2, 3, 4, 4)

@@ -471,6 +471,15 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     assert args.learning_rate == preset["learning_rate"] and "image_size" not in args.preset_applied
     model = run_pretrain.build_model(args, ["background", "a"])
     config = model.config
+    # Token masking 'auto': on for classes with a background class, off without one; a number wins.
+    assert args.token_mask_rate == "auto" and config.token_mask_rate == 0.0
+    with_background = run_pretrain.build_model(args, ["background", "a"], background_label_id=0).config
+    assert with_background.token_mask_rate == preset["background_token_mask_rate"] > 0
+    args.token_mask_rate = 0.25
+    assert run_pretrain.build_model(args, ["background", "a"], background_label_id=0).config.token_mask_rate == 0.25
+    args.token_mask_rate = "auto"
+    with pytest.raises(SystemExit):
+        run_pretrain.parse_args(["--init_from", str(tmp_path / "dino"), "--token_mask_rate", "none"])
     assert config.backbone_family == "dinov2" and config.class_token_layers == 2 and config.attention_map_layers == 2
     assert config.attention_map_refinement_iterations == preset["attention_map_refinement_iterations"]
     settings = run_pretrain.mask_settings(args, 0)
@@ -487,6 +496,10 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     multiplier = preset["new_parameter_lr_multiplier"]
     assert rates[id(model.clsmask.embeddings.class_tokens)] == args.learning_rate * multiplier
     assert rates[id(model.clsmask.layers[3].mlp.fc1.weight)] == args.learning_rate
+    # The patch classifier (a linear probe on the patch tokens) takes its own, larger factor.
+    patch_multiplier = preset["patch_classifier_lr_multiplier"]
+    assert patch_multiplier > multiplier
+    assert rates[id(model.patch_classifier.dense.weight)] == args.learning_rate * patch_multiplier
     # A background class that no mask holds is not painted under 'auto' ...
     assert run_pretrain.mask_settings(args, 0, background_in_masks=False)["background_threshold"] is None
     # ... unless asked for.

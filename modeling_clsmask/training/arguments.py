@@ -31,6 +31,14 @@ def optional_fraction(text: str) -> float | str | None:
     return value
 
 
+def fraction_or_auto(text: str) -> float | str:
+    """argparse type for `auto` / a number in [0, 1] (a rate that is never off by omission)."""
+    value = optional_fraction(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r} (0 turns it off)")
+    return value
+
+
 def steps_or_epoch(text: str) -> int | str:
     """argparse type for `--checkpointing_steps`: a positive integer or `epoch`."""
     if text == "epoch":
