@@ -72,8 +72,8 @@ PRESETS: dict[str, dict] = {
         "freeze_layers": -1,
         "learning_rate": 1e-4,
         "new_parameter_lr_multiplier": 10.0,
-        # The patch classifier is a linear probe on frozen features: at 10x it ends far from trained (600 CamVid
-        # tiles, 224 px, validation: its CAM 0.23 at 10x, 0.27 at 100x; docs/results.md, session 9).
+        # The patch classifier is a linear probe on frozen features: at 10x it ends far from trained (docs/results.md,
+        # session 9).
         "patch_classifier_lr_multiplier": 100.0,
         "per_device_train_batch_size": 32,
         "num_train_epochs": 8,
@@ -107,9 +107,8 @@ def resolve_token_mask_rate(args: argparse.Namespace, has_background_class: bool
     """`--token_mask_rate`, with 'auto' resolved: the preset's `background_token_mask_rate` for classes that include a
     background class (object classes on a background, as VOC or COCO), else 0.
 
-    Why split on background: with the pretrained preset, masking 0.5 raised the maps on both synthetic datasets with a
-    background class by 0.07-0.09 mIoU and lowered them on CamVid tiles (stuff classes, no background) by 0.09 (3 seeds
-    each; docs/results.md, session 9). Give a number to choose yourself.
+    Why split on background: with the pretrained preset masking helped on data with a background class and hurt on
+    data whose classes tile the image (docs/results.md, session 9). Give a number to choose yourself.
     """
     if args.token_mask_rate != AUTO:
         return args.token_mask_rate
