@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--class_map_source",
         choices=list(CLASS_MAP_SOURCES),
-        help="Maps from the class attention, the patch classifier's CAM, or the geometric mean of both (preset).",
+        help="Maps from the class attention, the patch classifier's CAM, or the geometric mean or the mean of both "
+        "(preset).",
     )
     model.add_argument(
         "--patch_classifier_loss_weight", type=float, default=1.0, help="Weight of the patch classifier's BCE."

@@ -8,7 +8,7 @@ from transformers import PreTrainedConfig
 
 
 # What class maps can be made of (`ClsMaskConfig.class_map_source`).
-CLASS_MAP_SOURCES = ("attention", "cam", "attention_cam")
+CLASS_MAP_SOURCES = ("attention", "cam", "attention_cam", "attention_cam_mean")
 
 
 def check_attention_map_scales(scales) -> list[float]:
@@ -114,7 +114,8 @@ class ClsMaskConfig(PreTrainedConfig):
             the patches (the paper); `"cam"`: the patch classifier's scores; `"attention_cam"`: per class, the
             geometric mean of both, each min-max normalised, so a patch scores high only when its class token
             attends to it *and* the patch classifier sees the class there (MCTformer-V2 multiplies the two the same
-            way). The two need `use_patch_classifier`.
+            way); `"attention_cam_mean"`: their mean, so a class token whose attention missed its object (as happens
+            with few training images) cannot veto the CAM there. The last three need `use_patch_classifier`.
         gate_log_alpha_init (`float`): initial Hard Concrete `log_alpha`: 3 starts every gate open and nearly
             deterministic, 0 (the public code) starts them stochastic so pruning shows in short runs.
     """

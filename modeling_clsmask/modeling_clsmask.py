@@ -1047,9 +1047,10 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             return self.cam_maps(outputs, grid)
         layers = self.clsmask.class_attention_layers(attention_map_layers)
         maps = self.class_maps_from_attentions(outputs.class_attentions, grid, layers)
-        if source == "attention_cam":
-            cams = normalize_maps(self.cam_maps(outputs, grid).float())
-            maps = (normalize_maps(maps.float()) * cams).sqrt().to(maps.dtype)
+        if source in ("attention_cam", "attention_cam_mean"):
+            attention, cams = normalize_maps(maps.float()), normalize_maps(self.cam_maps(outputs, grid).float())
+            fused = (attention * cams).sqrt() if source == "attention_cam" else (attention + cams) / 2
+            maps = fused.to(maps.dtype)
         return maps
 
     def patch_tokens(self, outputs: ClsMaskModelOutput) -> torch.Tensor:

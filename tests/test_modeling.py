@@ -672,7 +672,7 @@ def test_affinity_maps_in_the_model_only_at_inference():
 
 def test_patch_classifier_loss_and_maps_against_explicit_computation():
     # The patch classifier reads every final patch token: its image logits are the mean of the patch logits, its BCE
-    # joins the loss with its weight, and the map sources are the attention, the CAM, or their geometric mean.
+    # joins the loss with its weight, and the map sources are the attention, the CAM, or their geometric mean or mean.
     from modeling_clsmask.pseudo_masks import normalize_maps
 
     torch.manual_seed(0)
@@ -698,6 +698,10 @@ def test_patch_classifier_loss_and_maps_against_explicit_computation():
     model.config.class_map_source = "attention_cam"
     fused = model(pixels, output_class_maps=True).class_maps
     torch.testing.assert_close(fused, (normalize_maps(attention) * normalize_maps(cams)).sqrt())
+    model.config.class_map_source = "attention_cam_mean"
+    mean = model(pixels, output_class_maps=True).class_maps
+    torch.testing.assert_close(mean, (normalize_maps(attention) + normalize_maps(cams)) / 2)
+    model.config.class_map_source = "attention_cam"
     # The masks' maps go the same way (one pass, affinity off): the pipeline sees the fused maps.
     torch.testing.assert_close(model.predict_class_maps(pixels).class_maps, fused)
     # The patch classifier learns: its weights get gradients from the loss.

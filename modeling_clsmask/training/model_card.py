@@ -79,10 +79,11 @@ def masking_sentence(config) -> str:
 def maps_sentence(config) -> str:
     """Where the run's pseudo-masks come from (`class_map_source`)."""
     source = getattr(config, "class_map_source", "attention")
-    if source == "attention_cam":
+    if source in ("attention_cam", "attention_cam_mean"):
+        how = "geometric mean" if source == "attention_cam" else "mean"
         return (
-            "Its pseudo-masks come from the per-class [CLS] tokens' attention over the patches, combined (geometric "
-            "mean) with the CAM of a patch classifier trained beside them; no CRF."
+            "Its pseudo-masks come from the per-class [CLS] tokens' attention over the patches, combined "
+            f"({how}) with the CAM of a patch classifier trained beside them; no CRF."
         )
     if source == "cam":
         return "Its pseudo-masks come from the CAM of a patch classifier trained beside the class tokens; no CRF."
