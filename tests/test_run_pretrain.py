@@ -84,6 +84,13 @@ def test_builtin_end_to_end(tmp_path, capsys):
     assert first["class_assignment_chance"] == saved["class_assignment_chance"]  # same split, same chance
     assert (tmp_path / "diag" / "diagnosis.json").exists() and (tmp_path / "diag" / "diagnosis_maps.png").exists()
 
+    # Re-scoring at the checkpoint's own settings gives the run's figure; other settings give others.
+    import rescore_maps
+
+    rescored = rescore_maps.main([str(out), *BUILTIN, "--background_thresholds", "auto", "none"])
+    assert rescored[("attention", 0.0, "auto")] == pytest.approx(saved["pseudo_mask_mean_iou"], abs=1e-6)
+    assert rescored[("attention", 0.0, None)] != rescored[("attention", 0.0, "auto")]
+
 
 def test_resume_gives_identical_weights(tmp_path):
     args = [*TINY, *BUILTIN, "--max_train_steps", "6", "--checkpointing_steps", "2", "--num_visualizations", "0",

@@ -1,0 +1,89 @@
+"""Re-score a checkpoint's pseudo-masks with other map settings, without training again.
+
+    python benchmarks/rescore_maps.py RUN --dataset_name DATA --class_map_sources attention_cam attention_cam_mean \
+        cam --background_thresholds 0.35 0.5 --bf16
+
+The map source, the affinity power and the background threshold act at inference only, so a checkpoint trained
+with one setting gives every other setting's pseudo-masks exactly (same weights). Prints the pseudo-mask mIoU (image
+labels, the WSSS protocol) for every combination on one split; choose on validation, report on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor  # noqa: E402
+from modeling_clsmask.configuration_clsmask import CLASS_MAP_SOURCES  # noqa: E402
+from modeling_clsmask.training.arguments import DataArguments, add_data_arguments, optional_fraction  # noqa: E402
+from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, first_rows, load_data  # noqa: E402
+from modeling_clsmask.training.metrics import confusion_matrices, iou_from_confusion  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="A folder written by run_pretrain.py.")
+    parser.add_argument("--split", default="validation", help="Split to score (default: validation).")
+    parser.add_argument("--max_samples", type=int, help="Images used at most (default: all).")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass.")
+    parser.add_argument(
+        "--class_map_sources", nargs="+", choices=list(CLASS_MAP_SOURCES), help="Map sources (default: the config's)."
+    )
+    parser.add_argument("--affinity_powers", type=float, nargs="+", help="Affinity powers (default: the config's).")
+    parser.add_argument(
+        "--background_thresholds",
+        type=optional_fraction,
+        nargs="+",
+        help="Background thresholds, 'none' or numbers (default: the processor's).",
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU (as --mixed_precision bf16).")
+    add_data_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model = ClsMaskForSemanticSegmentation.from_pretrained(args.checkpoint).eval()
+    processor = ClsMaskImageProcessor.from_pretrained(args.checkpoint)
+    config = model.config
+    spec = load_data(DataArguments.from_namespace(args))
+    if not spec.has_masks or args.split not in spec.dataset:
+        raise ValueError(f"Split {args.split!r} with masks is needed; {spec.source} has {list(spec.dataset)}.")
+    data = first_rows(spec.dataset[args.split], args.max_samples)
+    loader = eval_dataloader(data, ExampleEncoder(spec, processor), args.batch_size)
+    sources = args.class_map_sources or [config.class_map_source]
+    powers = args.affinity_powers or [config.attention_map_affinity_power]
+    thresholds = args.background_thresholds or [processor.background_threshold]
+    confusion = {key: 0 for key in itertools.product(sources, powers, thresholds)}
+    for batch in tqdm(loader, desc="rescore"):
+        masks = batch["mask"]
+        sizes = [tuple(masks.shape[-2:])] * masks.shape[0]
+        for source, power in itertools.product(sources, powers):
+            config.class_map_source = source
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                outputs = model.predict_class_maps(batch["pixel_values"], affinity_power=power)
+            for threshold in thresholds:
+                labels = processor.post_process_semantic_segmentation(
+                    outputs, sizes, classes=batch["labels"].bool(), background_threshold=threshold
+                )
+                counts = confusion_matrices(torch.stack(labels), masks, config.num_labels).sum(0)
+                confusion[(source, power, threshold)] = confusion[(source, power, threshold)] + counts
+    results = {}
+    print(f"{args.split} ({len(loader.dataset)} images): pseudo-mask mIoU from the image labels")
+    for (source, power, threshold), counts in confusion.items():
+        score = results[(source, power, threshold)] = iou_from_confusion(counts)["mean_iou"]
+        print(f"  {source:<20} affinity power {power:<4g} background {threshold}: {score:.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
