@@ -48,6 +48,7 @@ from modeling_clsmask.training.data import (
     ExampleEncoder,
     augment_batch,
     eval_dataloader,
+    first_rows,
     load_data,
     train_dataloader,
     validate_splits,
@@ -76,6 +77,7 @@ from modeling_clsmask.training.presets import (
     REFINED_BACKGROUND,
     apply_preset,
     describe_preset,
+    resolve_class_token_init,
     resolve_token_mask_rate,
 )
 from modeling_clsmask.training.visualization import attention_panel, stack_rows, to_display_image
@@ -144,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--class_token_layers", type=int, help="Class tokens join only the last N blocks; 0 = all blocks (preset)."
+    )
+    model.add_argument(
+        "--class_token_init",
+        choices=CLASS_TOKEN_INITS,
+        help="'embedding': the class tokens start as the model's (with --init_from: copies of the source's [CLS] "
+        "embedding); 'class_mean': class c starts as the mean state of the [REG] token (the source's [CLS]) at the "
+        "first block with class tokens, over training images with class c; 'auto': 'class_mean' where the classes "
+        "include a background class, else 'embedding' (preset).",
     )
     model.add_argument(
         "--freeze_layers",
@@ -378,6 +388,31 @@ def build_model(
         model = ClsMaskForMultiLabelClassification(config)
     freeze_early_layers(model, args.freeze_layers or 0)
     return model
+
+
+CLASS_TOKEN_INITS = (AUTO, "embedding", "class_mean")
+CLASS_TOKEN_INIT_SAMPLES = 512  # training images whose [REG] states start the class tokens ('class_mean')
+
+
+@torch.no_grad()
+def init_class_tokens_from_data(model: ClsMaskForMultiLabelClassification, loader) -> None:
+    """'class_mean': start class c at the mean [REG] state, at the first block with class tokens, over the images
+    of `loader` that hold c (all images' mean for a class none holds). Copies of one embedding start every class
+    alike, and in block 0's space rather than the space of the block they join."""
+    base = model.clsmask
+    was_training = base.training
+    base.eval()
+    sums, counts, total, images = 0.0, 0.0, 0.0, 0
+    for batch in loader:
+        states = base.class_block_register_states(batch["pixel_values"])[:, -1].float()  # (B, D): the source's [CLS]
+        labels = batch["labels"].float()  # (B, C)
+        sums = sums + labels.T @ states
+        counts = counts + labels.sum(0)
+        total, images = total + states.sum(0), images + states.shape[0]
+    mean = total / images
+    class_means = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], mean)
+    base.init_class_tokens(class_means)
+    base.train(was_training)
 
 
 def normalisation(args, model) -> dict:
@@ -628,6 +663,24 @@ def main(argv: list[str] | None = None) -> dict:
         spec.dataset[args.validation_split], encoder, args.per_device_eval_batch_size, args.max_eval_samples
     )
 
+    class_token_init = resolve_class_token_init(args, spec.background_label_id is not None)
+    if args.class_token_init == AUTO:
+        which = "include a background class" if spec.background_label_id is not None else "have no background class"
+        logger.info(f"Class-token start 'auto': {class_token_init} (the classes {which}).")
+    if class_token_init == "class_mean":
+        if model.clsmask.pre_layernorm is None:
+            rows = first_rows(spec.dataset[args.train_split], args.max_train_samples)
+            init_loader = eval_dataloader(rows, encoder, args.per_device_eval_batch_size, CLASS_TOKEN_INIT_SAMPLES)
+            init_class_tokens_from_data(model, init_loader)
+            block = model.clsmask.first_class_token_layer()
+            logger.info(f"Class tokens start as their class's mean [REG] state at block {block} "
+                        f"({len(init_loader.dataset)} training images).")  # fmt: skip
+        elif args.class_token_init == AUTO:
+            logger.info("Class tokens start as the source's [CLS] embedding: its pre-encoder norm (CLIP) rules out "
+                        "the 'class_mean' start.")  # fmt: skip
+        else:
+            raise ValueError("--class_token_init class_mean: the class tokens pass the backbone's pre-encoder norm "
+                             "(CLIP) before their first block; use --class_token_init embedding.")  # fmt: skip
     optimizer = build_optimizer(args, model)
     model, optimizer, train_loader, eval_loader, schedule = prepare_training(
         accelerator, args, model, optimizer, train_loader, eval_loader

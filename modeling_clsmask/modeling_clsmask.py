@@ -769,6 +769,30 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         joined = self.config.class_token_layers or self.config.num_hidden_layers
         return self.config.num_hidden_layers - joined
 
+    @torch.no_grad()
+    def class_block_register_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, R, D): the register tokens' states at the input of the first block the class tokens join.
+
+        With a pretrained backbone the last register is the source's [CLS], so this is its state where the class
+        tokens start reading (what `init_class_tokens` starts them from)."""
+        if self.config.num_register_tokens < 1:
+            raise ValueError("The model has no register token, so there is no [CLS] state to start class tokens from.")
+        states = self(pixel_values, output_hidden_states=True).hidden_states[self.first_class_token_layer()]
+        return states[:, -self.config.num_register_tokens :]
+
+    @torch.no_grad()
+    def init_class_tokens(self, states: torch.Tensor) -> None:
+        """Set the class tokens so that class c enters its first block as `states[c]` (C, D), position included."""
+        if self.pre_layernorm is not None:
+            raise ValueError(
+                "The class tokens pass the pre-encoder norm (CLIP's pre_layernorm) before their first block, so no "
+                "token enters it as a given state; keep the tokens' own initialisation (--class_token_init embedding)."
+            )
+        tokens, positions = self.embeddings.class_tokens, self.embeddings.class_position_embeddings
+        if states.shape != tokens.shape[1:]:
+            raise ValueError(f"states must be (num_labels, hidden_size) = {tuple(tokens.shape[1:])}.")
+        tokens.copy_(states.unsqueeze(0).to(tokens) - positions)
+
     def class_attention_layers(self, num_layers: int | None = None) -> list[int]:
         """Indices of the blocks whose class attention makes the maps: the last `num_layers` when given, else
         `config.attention_map_layer_ids` when set, else the last `config.attention_map_layers`."""

@@ -2,6 +2,7 @@
 
 import fnmatch
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -514,6 +515,54 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     assert run_pretrain.mask_settings(args, 0, background_in_masks=False)["background_threshold"] == 0.3
     with pytest.raises(ValueError, match="blocks"):
         run_pretrain.freeze_early_layers(model, 9)
+
+
+def test_class_mean_init_starts_each_class_at_its_images_mean_cls_state(tmp_path, caplog):
+    # 'class_mean': class c enters the first block with class tokens as the mean [REG] ([CLS]) state there over the
+    # training images holding c; a class no image holds gets all images' mean.
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=28,
+                             patch_size=14)).save_pretrained(tmp_path / "dino")  # fmt: skip
+    args = run_pretrain.parse_args(["--init_from", str(tmp_path / "dino"), "--image_size", "28"])
+    model = run_pretrain.build_model(args, ["a", "b", "c"])
+    torch.manual_seed(0)
+    pixels = torch.randn(6, 3, 28, 28)
+    labels = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    loader = [{"pixel_values": pixels[:4], "labels": labels[:4]}, {"pixel_values": pixels[4:], "labels": labels[4:]}]
+    run_pretrain.init_class_tokens_from_data(model, loader)
+    base = model.clsmask
+    first = base.first_class_token_layer()
+    assert first == 2 and base.training  # the last block only; the train mode is restored
+    cls_states = base.class_block_register_states(pixels)[:, -1]
+    expected = torch.stack([cls_states[labels[:, 0] == 1].mean(0), cls_states[labels[:, 1] == 1].mean(0),
+                            cls_states.mean(0)])  # fmt: skip
+    base.eval()
+    entering = base(pixels, output_hidden_states=True).hidden_states[first][:, :3]
+    torch.testing.assert_close(entering, expected.expand(6, -1, -1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # the classes no longer start alike
+
+    # 'auto' (the preset): the class-mean start where the classes include a background class, else the embedding.
+    assert args.class_token_init == "auto"
+    assert run_pretrain.resolve_class_token_init(args, True) == "class_mean"
+    assert run_pretrain.resolve_class_token_init(args, False) == "embedding"
+    # A run does this and says so; CLIP's pre-encoder norm rules it out (a notice, or an error when asked for by
+    # name).
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=28, patch_size=14)).save_pretrained(tmp_path / "clip")  # fmt: skip
+    common = [*BUILTIN, "--image_size", "28", "--max_train_steps", "1", "--baseline_train_samples", "0",
+              "--num_visualizations", "0"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        run_pretrain.main(["--init_from", str(tmp_path / "dino"), *common, "--output_dir", str(tmp_path / "a")])
+        run_pretrain.main(["--init_from", str(tmp_path / "clip"), *common, "--output_dir", str(tmp_path / "b")])
+    assert "Class-token start 'auto': class_mean (the classes include a background class)" in caplog.text
+    assert "Class tokens start as their class's mean [REG] state at block 2 (48 training images)" in caplog.text
+    assert "pre-encoder norm (CLIP) rules out" in caplog.text
+    with pytest.raises(ValueError, match="--class_token_init embedding"):
+        run_pretrain.main(["--init_from", str(tmp_path / "clip"), *common, "--class_token_init", "class_mean",
+                           "--output_dir", str(tmp_path / "c")])  # fmt: skip
 
 
 def test_ablation_benchmark_rescore_reproduces_its_runs(tmp_path):

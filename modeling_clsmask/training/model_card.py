@@ -28,7 +28,7 @@ CARD_HYPERPARAMETERS = (
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_train_steps", "optimizer", "weight_decay", "lr_scheduler_type", "warmup_ratio", "seed", "init_from",
     "model_name_or_path", "scales", "flip", "refinement_iterations", "pseudo_label_source", "preset",
-    "freeze_layers", "new_parameter_lr_multiplier", "patch_classifier_lr_multiplier",
+    "freeze_layers", "new_parameter_lr_multiplier", "patch_classifier_lr_multiplier", "class_token_init",
 )  # fmt: skip
 CONFIG_FIELDS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",

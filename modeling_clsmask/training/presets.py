@@ -29,6 +29,7 @@ PRESETS: dict[str, dict] = {
         "num_register_tokens": 1,
         "token_mask_rate": 0.0,
         "class_token_layers": 0,
+        "class_token_init": "embedding",
         "attention_map_layer_ids": [0],
         "attention_map_scales": [0.75, 1.0, 1.5, 2.0],
         "attention_map_flip": True,
@@ -57,6 +58,9 @@ PRESETS: dict[str, dict] = {
         "token_mask_rate": AUTO,
         "background_token_mask_rate": 0.5,
         "class_token_layers": 1,
+        # 'auto': each class token starts as its class's mean [CLS] state at that block where the classes include a
+        # background class, else as a copy of the [CLS] embedding (see `resolve_class_token_init`).
+        "class_token_init": AUTO,
         "attention_map_layers": 1,
         "attention_map_scales": [1.0],
         "attention_map_flip": False,
@@ -114,6 +118,19 @@ def resolve_token_mask_rate(args: argparse.Namespace, has_background_class: bool
     if args.token_mask_rate != AUTO:
         return args.token_mask_rate
     return PRESETS[args.preset].get("background_token_mask_rate", 0.0) if has_background_class else 0.0
+
+
+def resolve_class_token_init(args: argparse.Namespace, has_background_class: bool) -> str:
+    """`--class_token_init`, with 'auto' resolved: 'class_mean' for classes that include a background class, else
+    'embedding'.
+
+    Why split on background: [CLS] attends to the salient object, a good start for object classes on a background
+    and a poor one for classes that tile the image (sky, road); with the pretrained preset the class-mean start
+    helped on real photos with a background class and lost with all CamVid tiles (docs/results.md, session 11).
+    """
+    if args.class_token_init != AUTO:
+        return args.class_token_init
+    return "class_mean" if has_background_class else "embedding"
 
 
 def describe_preset(name: str, applied: dict) -> str:
