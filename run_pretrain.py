@@ -647,8 +647,9 @@ def main(argv: list[str] | None = None) -> dict:
                f"painted at --background_threshold {args.background_threshold} although no mask has it.")
         )  # fmt: skip
     model = build_model(args, spec.class_names, spec.background_label_id)
+    # What the preset's 'auto' choices (token masking, class-token start) turn on, for the start-up log.
+    which = "include a background class" if spec.background_label_id is not None else "have no background class"
     if args.token_mask_rate == AUTO:
-        which = "include a background class" if spec.background_label_id is not None else "have no background class"
         logger.info(f"Token masking 'auto': rate {model.config.token_mask_rate} (the classes {which}).")
     processor = ClsMaskImageProcessor.from_model_config(
         model.config,
@@ -665,7 +666,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     class_token_init = resolve_class_token_init(args, spec.background_label_id is not None)
     if args.class_token_init == AUTO:
-        which = "include a background class" if spec.background_label_id is not None else "have no background class"
         logger.info(f"Class-token start 'auto': {class_token_init} (the classes {which}).")
     if class_token_init == "class_mean":
         if model.clsmask.pre_layernorm is None:

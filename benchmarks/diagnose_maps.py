@@ -99,21 +99,29 @@ def attention_mass(attention: torch.Tensor, patch_share: torch.Tensor, labels: t
     )
 
 
+def checkpoint_and_masked_split(args, purpose: str):
+    """`args.checkpoint`'s model and image processor, the data spec, and batches of the first `args.max_samples` rows
+    of `args.split`; stops, saying why (`purpose`), when the data has no masks or no such split."""
+    model = ClsMaskForSemanticSegmentation.from_pretrained(args.checkpoint).eval()
+    processor = ClsMaskImageProcessor.from_pretrained(args.checkpoint)
+    spec = load_data(DataArguments.from_namespace(args))
+    if not spec.has_masks:
+        raise ValueError(f"{spec.source} has no masks: {purpose}.")
+    if args.split not in spec.dataset:
+        raise ValueError(f"Split {args.split!r} not found; the dataset has {list(spec.dataset)}.")
+    data = first_rows(spec.dataset[args.split], args.max_samples)
+    return model, processor, spec, eval_dataloader(data, ExampleEncoder(spec, processor), args.batch_size)
+
+
 @torch.no_grad()
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = ClsMaskForSemanticSegmentation.from_pretrained(args.checkpoint).eval()
-    processor = ClsMaskImageProcessor.from_pretrained(args.checkpoint)
+    model, processor, spec, loader = checkpoint_and_masked_split(
+        args, "the diagnosis compares maps with ground-truth regions"
+    )
     config = model.config
-    spec = load_data(DataArguments.from_namespace(args))
-    if not spec.has_masks:
-        raise ValueError(f"{spec.source} has no masks: the diagnosis compares maps with ground-truth regions.")
-    if args.split not in spec.dataset:
-        raise ValueError(f"Split {args.split!r} not found; the dataset has {list(spec.dataset)}.")
-    data = first_rows(spec.dataset[args.split], args.max_samples)
-    encoder = ExampleEncoder(spec, processor)
-    loader = eval_dataloader(data, encoder, args.batch_size)
+    data = loader.dataset
 
     base = model.clsmask
     layers = base.class_attention_layers(config.num_hidden_layers - base.first_class_token_layer())

@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor  # noqa: E402
+from diagnose_maps import checkpoint_and_masked_split  # noqa: E402
+
 from modeling_clsmask.configuration_clsmask import CLASS_MAP_SOURCES  # noqa: E402
-from modeling_clsmask.training.arguments import DataArguments, add_data_arguments, optional_fraction  # noqa: E402
-from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, first_rows, load_data  # noqa: E402
+from modeling_clsmask.training.arguments import add_data_arguments, optional_fraction  # noqa: E402
 from modeling_clsmask.training.metrics import confusion_matrices, iou_from_confusion  # noqa: E402
 
 
@@ -52,14 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 @torch.no_grad()
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    model = ClsMaskForSemanticSegmentation.from_pretrained(args.checkpoint).eval()
-    processor = ClsMaskImageProcessor.from_pretrained(args.checkpoint)
+    model, processor, _, loader = checkpoint_and_masked_split(args, "pseudo-masks are scored against them")
     config = model.config
-    spec = load_data(DataArguments.from_namespace(args))
-    if not spec.has_masks or args.split not in spec.dataset:
-        raise ValueError(f"Split {args.split!r} with masks is needed; {spec.source} has {list(spec.dataset)}.")
-    data = first_rows(spec.dataset[args.split], args.max_samples)
-    loader = eval_dataloader(data, ExampleEncoder(spec, processor), args.batch_size)
     sources = args.class_map_sources or [config.class_map_source]
     powers = args.affinity_powers or [config.attention_map_affinity_power]
     thresholds = args.background_thresholds or [processor.background_threshold]
