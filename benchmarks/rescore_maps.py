@@ -3,7 +3,8 @@
     python benchmarks/rescore_maps.py RUN --dataset_name DATA --class_map_sources attention_cam attention_cam_mean \
         cam --background_thresholds 0.35 0.5 --bf16
 
-The map source, the affinity power and the background threshold act at inference only, so a checkpoint trained
+The map source, the affinity power, test-time flips, the image refinement and the background threshold act at
+inference only, so a checkpoint trained
 with one setting gives every other setting's pseudo-masks exactly (same weights). Prints the pseudo-mask mIoU (image
 labels, the WSSS protocol) for every combination on one split; choose on validation, report on test.
 """
@@ -39,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--affinity_powers", type=float, nargs="+", help="Affinity powers (default: the config's).")
     parser.add_argument(
+        "--refinement_iterations", type=int, nargs="+", help="Image-refinement rounds (default: the config's)."
+    )
+    parser.add_argument(
+        "--flips", choices=["off", "on"], nargs="+", help="Test-time horizontal flips (default: the config's)."
+    )
+    parser.add_argument(
         "--background_thresholds",
         type=optional_fraction,
         nargs="+",
@@ -56,26 +63,36 @@ def main(argv=None) -> dict:
     config = model.config
     sources = args.class_map_sources or [config.class_map_source]
     powers = args.affinity_powers or [config.attention_map_affinity_power]
+    rounds = args.refinement_iterations or [config.attention_map_refinement_iterations]
+    flips = [flip == "on" for flip in args.flips] if args.flips else [config.attention_map_flip]
     thresholds = args.background_thresholds or [processor.background_threshold]
-    confusion = {key: 0 for key in itertools.product(sources, powers, thresholds)}
+    settings = list(itertools.product(sources, powers, flips, rounds))
+    confusion = {setting + (threshold,): 0 for setting in settings for threshold in thresholds}
     for batch in tqdm(loader, desc="rescore"):
         masks = batch["mask"]
         sizes = [tuple(masks.shape[-2:])] * masks.shape[0]
-        for source, power in itertools.product(sources, powers):
+        for source, power, flip, iterations in settings:
             config.class_map_source = source
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                outputs = model.predict_class_maps(batch["pixel_values"], affinity_power=power)
+                outputs = model.predict_class_maps(
+                    batch["pixel_values"], affinity_power=power, flip=flip, refinement_iterations=iterations
+                )
             for threshold in thresholds:
                 labels = processor.post_process_semantic_segmentation(
                     outputs, sizes, classes=batch["labels"].bool(), background_threshold=threshold
                 )
                 counts = confusion_matrices(torch.stack(labels), masks, config.num_labels).sum(0)
-                confusion[(source, power, threshold)] = confusion[(source, power, threshold)] + counts
+                key = (source, power, flip, iterations, threshold)
+                confusion[key] = confusion[key] + counts
     results = {}
     print(f"{args.split} ({len(loader.dataset)} images): pseudo-mask mIoU from the image labels")
-    for (source, power, threshold), counts in confusion.items():
-        score = results[(source, power, threshold)] = iou_from_confusion(counts)["mean_iou"]
-        print(f"  {source:<20} affinity power {power:<4g} background {threshold}: {score:.4f}")
+    for key, counts in confusion.items():
+        source, power, flip, iterations, threshold = key
+        score = results[key] = iou_from_confusion(counts)["mean_iou"]
+        print(
+            f"  {source:<20} affinity power {power:<4g} flip {'on' if flip else 'off':<3} refinement {iterations:<3}"
+            f" background {threshold}: {score:.4f}"
+        )
     return results
 
 

@@ -1000,14 +1000,23 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         check_refinement_iterations(iterations)
         power = config.attention_map_affinity_power if affinity_power is None else float(affinity_power)
         outputs, maps = self.one_pass(pixel_values, power, attention_map_layers)
-        logits, _, _ = self.classify(outputs.last_hidden_state[:, : config.num_labels], None)
-        if self.patch_classifier is not None:
-            logits = self.image_logits(logits, self.patch_image_logits(outputs))
+        logits = self.pass_logits(outputs)
         if list(scales) != [1.0] or flip:
-            maps = self.augmented_class_maps(pixel_values, maps, scales, flip, power, attention_map_layers)
+            maps, flipped_logits = self.augmented_class_maps(
+                pixel_values, maps, scales, flip, power, attention_map_layers
+            )
+            if flipped_logits is not None:
+                logits = (logits.float() + flipped_logits.float()) / 2
         if iterations > 0:
             maps = self.map_refinement(maps, pixel_values, iterations)
         return segmenter_output(self, logits, maps, image_labels)
+
+    def pass_logits(self, outputs: ClsMaskModelOutput) -> torch.Tensor:
+        """(B, C) image logits of one pass: the class-token readout, averaged with the patch classifier's when on."""
+        logits, _, _ = self.classify(outputs.last_hidden_state[:, : self.config.num_labels], None)
+        if self.patch_classifier is not None:
+            logits = self.image_logits(logits, self.patch_image_logits(outputs))
+        return logits
 
     def augmented_class_maps(
         self,
@@ -1017,16 +1026,18 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         flip: bool,
         power: float,
         attention_map_layers: int | None = None,
-    ) -> torch.Tensor:
-        """`class_maps` (those of the input as given) averaged with the maps of the other `scales` and flips.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`class_maps` (those of the input as given) averaged with the maps of the other `scales` and flips, and
+        the image logits of the flipped input at its own size (`None` without `flip`).
 
         Every pass's map is put in units of attention per scale-1 patch and enlarged (bilinear) to the finest grid
-        among the passes, so an upscaled pass adds the resolution of its finer patch grid.
+        among the passes, so an upscaled pass adds the resolution of its finer patch grid. Only the flipped pass's
+        logits are returned: a flip keeps what the classifier was trained on, a rescaled input does not.
         """
         height, width = pixel_values.shape[-2:]
         patch = self.config.patch_size
         base_patches = class_maps.shape[-2] * class_maps.shape[-1]
-        passes = []
+        passes, flipped_logits = [], None
         for scale in scales:
             size = scaled_size(height, width, scale, patch)
             scaled = pixel_values
@@ -1037,14 +1048,16 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
                     passes.append(class_maps.float())
                     continue
                 inputs = scaled.flip(-1) if flipped else scaled
-                maps = self.one_pass(inputs, power, attention_map_layers)[1].float()
-                passes.append(maps.flip(-1) if flipped else maps)
+                outputs, maps = self.one_pass(inputs, power, attention_map_layers)
+                if size == (height, width):
+                    flipped_logits = self.pass_logits(outputs)
+                passes.append(maps.float().flip(-1) if flipped else maps.float())
         grid = max((tuple(maps.shape[-2:]) for maps in passes), key=lambda shape: shape[0] * shape[1])
         total = 0
         for maps in passes:
             density = maps * (maps.shape[-2] * maps.shape[-1] / base_patches)
             total = total + nn.functional.interpolate(density, size=grid, mode="bilinear", align_corners=False)
-        return (total / len(passes)).to(class_maps.dtype)
+        return (total / len(passes)).to(class_maps.dtype), flipped_logits
 
     def one_pass(
         self, pixel_values: torch.Tensor, power: float, attention_map_layers: int | None = None

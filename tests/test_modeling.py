@@ -527,11 +527,14 @@ def test_augmented_maps_against_explicit_passes():
     out = model.predict_class_maps(pixels)
     assert out.class_maps.shape == (2, 3, 8, 8)  # the finest grid (scale 2)
     torch.testing.assert_close(out.class_maps, expected, atol=1e-5, rtol=1e-4)
-    # Probabilities are those of the input as given.
-    torch.testing.assert_close(out.class_logits, plain(pixels).logits)
+    # Logits: the mean over the input as given and flipped (not over the rescaled passes), so flip-invariant.
+    torch.testing.assert_close(out.class_logits, (plain(pixels).logits + plain(pixels.flip(-1)).logits) / 2)
+    flipped = model.predict_class_maps(pixels.flip(-1))
+    torch.testing.assert_close(flipped.class_logits, out.class_logits, atol=1e-5, rtol=1e-4)
     # Flip-averaged maps are flip-equivariant.
-    torch.testing.assert_close(model.predict_class_maps(pixels.flip(-1)).class_maps, out.class_maps.flip(-1),
-                               atol=1e-5, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(flipped.class_maps, out.class_maps.flip(-1), atol=1e-5, rtol=1e-4)
+    unflipped = model.predict_class_maps(pixels, flip=False)
+    torch.testing.assert_close(unflipped.class_logits, plain(pixels).logits)  # without flips: the input as given
     # forward is one pass in either mode; arguments override the config for one call, which stays as it was.
     assert model(pixels, output_class_maps=True).class_maps.shape == (2, 3, 4, 4)
     torch.testing.assert_close(
@@ -621,7 +624,7 @@ def test_refined_maps_in_the_model():
     model.eval()
     out = model.predict_class_maps(pixels)
     # Averaged over the scales first, then refined at the input's resolution; logits on the same grid.
-    augmented = model.augmented_class_maps(pixels, one_pass_maps(model, pixels), [1.0, 2.0], False, 0.0)
+    augmented, _ = model.augmented_class_maps(pixels, one_pass_maps(model, pixels), [1.0, 2.0], False, 0.0)
     torch.testing.assert_close(out.class_maps, model.map_refinement(augmented, pixels, 3))
     assert out.class_maps.shape == out.logits.shape[:1] + (3, 32, 32)
     assert model(pixels).class_maps.shape == (2, 3, 4, 4)  # forward: the raw maps

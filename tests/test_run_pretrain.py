@@ -88,9 +88,14 @@ def test_builtin_end_to_end(tmp_path, capsys):
     # Re-scoring at the checkpoint's own settings gives the run's figure; other settings give others.
     import rescore_maps
 
-    rescored = rescore_maps.main([str(out), *BUILTIN, "--background_thresholds", "auto", "none"])
-    assert rescored[("attention", 0.0, "auto")] == pytest.approx(saved["pseudo_mask_mean_iou"], abs=1e-6)
-    assert rescored[("attention", 0.0, None)] != rescored[("attention", 0.0, "auto")]
+    config = json.loads((out / "config.json").read_text())
+    flip, rounds = config["attention_map_flip"], config["attention_map_refinement_iterations"]
+    rescored = rescore_maps.main([str(out), *BUILTIN, "--background_thresholds", "auto", "none",
+                                  "--refinement_iterations", str(rounds), "0"])  # fmt: skip
+    own = rescored[("attention", 0.0, flip, rounds, "auto")]
+    assert own == pytest.approx(saved["pseudo_mask_mean_iou"], abs=1e-6)
+    assert rescored[("attention", 0.0, flip, rounds, None)] != own
+    assert rounds > 0 and rescored[("attention", 0.0, flip, 0, "auto")] != own  # the refinement acts
 
 
 def test_resume_gives_identical_weights(tmp_path):
