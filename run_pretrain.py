@@ -47,6 +47,7 @@ from modeling_clsmask.training.baselines import frozen_baselines
 from modeling_clsmask.training.data import (
     ExampleEncoder,
     augment_batch,
+    cached_features_dataloader,
     eval_dataloader,
     first_rows,
     load_data,
@@ -159,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--freeze_layers",
         type=int,
         help="Freeze the patch embedding, positions and the first N blocks; -1 = the whole backbone (preset).",
+    )
+    model.add_argument(
+        "--cache_features",
+        choices=[AUTO, "off"],
+        default=AUTO,
+        help="'auto': where nothing below the first block with class tokens learns and the only augmentation is the "
+        "flip, compute those blocks once per training image and flip and train from memory (at most "
+        f"{FEATURE_CACHE_MAX_GIB:g} GiB); 'off': run the whole backbone every step.",
     )
     model.add_argument(
         "--use_head_gates", action="store_true", help="Hard Concrete gates per head (sparse attention)."
@@ -390,6 +399,7 @@ def build_model(
     return model
 
 
+FEATURE_CACHE_MAX_GIB = 8.0  # --cache_features auto: the most memory the cached features may take
 CLASS_TOKEN_INITS = (AUTO, "embedding", "class_mean")
 CLASS_TOKEN_INIT_SAMPLES = 512  # training images whose [REG] states start the class tokens ('class_mean')
 
@@ -413,6 +423,48 @@ def init_class_tokens_from_data(model: ClsMaskForMultiLabelClassification, loade
     class_means = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], mean)
     base.init_class_tokens(class_means)
     base.train(was_training)
+
+
+def feature_cache_blocker(args, model: ClsMaskForMultiLabelClassification) -> str | None:
+    """Why the training images' `class_block_inputs` may change between steps (None: they cannot, so they can be
+    computed once per image and flip)."""
+    base, config = model.clsmask, model.config
+    first = base.first_class_token_layer()
+    if first == 0:
+        return "the class tokens join at block 0"
+    embeddings = base.embeddings
+    below = [embeddings.patch_embeddings, *base.layers[:first], base.pre_layernorm]
+    parameters = [p for module in below if module is not None for p in module.parameters()]
+    parameters += [embeddings.position_embeddings, embeddings.register_tokens, embeddings.register_position_embeddings]
+    if any(p is not None and p.requires_grad for p in parameters):
+        return f"the blocks below block {first} learn"
+    if args.crop_scale_min < 1.0:
+        return "random crops change the features every epoch"
+    if config.patch_dropout > 0 or config.hidden_dropout_prob > 0 or config.attention_probs_dropout_prob > 0:
+        return "dropout changes the features every step"
+    if config.diversity_loss_coefficient > 0:
+        return "the diversity loss needs the class maps of the images"
+    return None
+
+
+@torch.no_grad()
+def cache_block_inputs(model: ClsMaskForMultiLabelClassification, loader, accelerator) -> dict[str, torch.Tensor]:
+    """`class_block_inputs` of every image of `loader` as given and flipped (in the order of the loader), on the
+    CPU: what `CachedFeatures` serves to the training loop."""
+    base = model.clsmask
+    was_training = base.training
+    base.eval().to(accelerator.device)
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    parts = {"plain": [], "flipped": [], "labels": []}
+    with torch.random.fork_rng(devices=[]):  # iterating a loader draws a seed: the training's draws stay as they were
+        for batch in tqdm(loader, desc="features", disable=not accelerator.is_local_main_process, leave=False):
+            pixels = batch["pixel_values"].to(accelerator.device)
+            with accelerator.autocast():
+                parts["plain"].append(base.class_block_inputs(pixels).to("cpu", dtype))
+                parts["flipped"].append(base.class_block_inputs(pixels.flip(-1)).to("cpu", dtype))
+            parts["labels"].append(batch["labels"])
+    base.train(was_training)
+    return {key: torch.cat(values) for key, values in parts.items()}
 
 
 def normalisation(args, model) -> dict:
@@ -582,6 +634,32 @@ def print_results(metrics: dict, args) -> None:
             )
 
 
+def cached_train_loader(args, model, train_loader, encoder, spec, accelerator):
+    """With `--cache_features auto` where `feature_cache_blocker` finds nothing: a loader over the training images'
+    cached block inputs (same rows, order and batches as `train_loader`), else None (the reason is logged)."""
+    if args.cache_features == "off":
+        return None
+    blocker = feature_cache_blocker(args, model)
+    rows = len(train_loader.dataset)
+    grid = (model.config.image_size // model.config.patch_size) ** 2
+    tokens = grid + model.config.num_register_tokens
+    width = 2 if accelerator.mixed_precision == "bf16" else 4
+    gib = 2 * rows * tokens * model.config.hidden_size * width / 2**30
+    if blocker is None and gib > FEATURE_CACHE_MAX_GIB:
+        blocker = f"they would take {gib:.1f} GiB (more than {FEATURE_CACHE_MAX_GIB:g})"
+    if blocker is not None:
+        logger.info(f"Features not cached ({blocker}): the whole backbone runs every step.")
+        return None
+    first = model.clsmask.first_class_token_layer()
+    rows_loader = eval_dataloader(
+        first_rows(spec.dataset[args.train_split], args.max_train_samples), encoder, args.per_device_eval_batch_size
+    )
+    features = cache_block_inputs(model, rows_loader, accelerator)
+    logger.info(f"Features cached: the inputs of block {first} for {rows} training images as given and flipped "
+                f"({gib:.2f} GiB); blocks 0-{first - 1} do not run again in training.")  # fmt: skip
+    return cached_features_dataloader(features, args.per_device_train_batch_size, args.seed)
+
+
 def backbone_baselines(args, spec, encoder, config, processor, has_test: bool) -> dict:
     """What the frozen `--init_from` backbone gives without the method, on the same splits and metric (label-only,
     CAM of a linear head, fully supervised linear probe): `baseline_*` and `test_baseline_*` entries."""
@@ -681,6 +759,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             raise ValueError("--class_token_init class_mean: the class tokens pass the backbone's pre-encoder norm "
                              "(CLIP) before their first block; use --class_token_init embedding.")  # fmt: skip
+    train_loader = cached_train_loader(args, model, train_loader, encoder, spec, accelerator) or train_loader
     optimizer = build_optimizer(args, model)
     model, optimizer, train_loader, eval_loader, schedule = prepare_training(
         accelerator, args, model, optimizer, train_loader, eval_loader
@@ -699,6 +778,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"metrics": {}, "panels": []}
 
     def loss_fn(model, batch):
+        if "plain" in batch:  # cached features: the same flip draw as augment_batch's (it has no crop here)
+            flip = torch.rand(batch["plain"].shape[0], 4, device=batch["plain"].device)[:, 3] < args.flip_prob
+            inputs = torch.where(flip[:, None, None], batch["flipped"], batch["plain"]).float()  # bf16 in memory
+            return model(block_inputs=inputs, labels=batch["labels"]).loss
         pixels, _ = augment_batch(batch["pixel_values"], None, args.flip_prob, (args.crop_scale_min, 1.0))
         return model(pixels, labels=batch["labels"]).loss
 

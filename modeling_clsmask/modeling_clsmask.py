@@ -770,6 +770,21 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         return self.config.num_hidden_layers - joined
 
     @torch.no_grad()
+    def class_block_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, N + R, D): the patch and register states at the input of the first block the class tokens join.
+
+        Class tokens do not exist before that block, so with the blocks below it frozen these states are a fixed
+        function of the image: training can compute them once and pass them as `forward(block_inputs=...)`."""
+        first = self.first_class_token_layer()
+        hidden_states = self.embeddings(pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype))
+        if self.pre_layernorm is not None:
+            hidden_states = self.pre_layernorm(hidden_states)
+        hidden_states = hidden_states[:, self.config.num_labels :]
+        for layer in self.layers[:first]:
+            hidden_states = layer(hidden_states, False, False)[0]
+        return hidden_states
+
+    @torch.no_grad()
     def class_block_register_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, R, D): the register tokens' states at the input of the first block the class tokens join.
 
@@ -777,8 +792,15 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         tokens start reading (what `init_class_tokens` starts them from)."""
         if self.config.num_register_tokens < 1:
             raise ValueError("The model has no register token, so there is no [CLS] state to start class tokens from.")
-        states = self(pixel_values, output_hidden_states=True).hidden_states[self.first_class_token_layer()]
-        return states[:, -self.config.num_register_tokens :]
+        return self.class_block_inputs(pixel_values)[:, -self.config.num_register_tokens :]
+
+    def class_token_embeddings(self, batch: int) -> torch.Tensor:
+        """(B, C, D) the class tokens as they enter the encoder (position added; the pre-encoder norm where the
+        backbone has one), for a forward from `block_inputs`."""
+        embeddings = self.embeddings
+        tokens = (embeddings.class_tokens + embeddings.class_position_embeddings).expand(batch, -1, -1)
+        tokens = embeddings.dropout(tokens)
+        return tokens if self.pre_layernorm is None else self.pre_layernorm(tokens)
 
     @torch.no_grad()
     def init_class_tokens(self, states: torch.Tensor) -> None:
@@ -840,12 +862,13 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
     @can_return_tuple
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         output_class_attentions: bool = False,
         attention_map_layers: int | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         class_tokens_only: bool = False,
+        block_inputs: torch.Tensor | None = None,
         **kwargs,
     ) -> ClsMaskModelOutput | tuple:
         """
@@ -854,19 +877,37 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         output_class_attentions: return the class tokens' attention rows of the last `attention_map_layers` blocks.
         class_tokens_only: the last block updates only the class tokens and `last_hidden_state` is (B, C, D).
             Heads that read only the class tokens skip the last block's patch-token work (a 1/num_layers saving).
+        block_inputs: instead of `pixel_values`, the (B, N + R, D) states of `class_block_inputs`: the pass starts
+            at the first block with class tokens (the earlier blocks' hidden states and attentions do not exist).
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        dtype = self.embeddings.patch_embeddings.projection.weight.dtype
-        hidden_states = self.embeddings(pixel_values.to(dtype))
-        if self.pre_layernorm is not None:
-            hidden_states = self.pre_layernorm(hidden_states)
+        if (pixel_values is None) == (block_inputs is None):
+            raise ValueError("Pass exactly one of pixel_values and block_inputs.")
+        start = 0
+        if block_inputs is not None:
+            if output_attentions or output_hidden_states:
+                raise ValueError("block_inputs skip the blocks below the class tokens: no attentions or hidden states")
+            start = self.first_class_token_layer()
+            class_tokens = self.class_token_embeddings(block_inputs.shape[0]).to(block_inputs.dtype)
+            hidden_states = torch.cat([class_tokens, block_inputs], dim=1)
+            num_patches = block_inputs.shape[1] - self.config.num_register_tokens
+        else:
+            dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+            hidden_states = self.embeddings(pixel_values.to(dtype))
+            if self.pre_layernorm is not None:
+                hidden_states = self.pre_layernorm(hidden_states)
+            rows, cols = patch_grid(pixel_values, self.config.patch_size)
+            num_patches = rows * cols
         wanted = set(self.class_attention_layers(attention_map_layers)) if output_class_attentions else set()
-        rows, cols = patch_grid(pixel_values, self.config.patch_size)
-        num_patches = rows * cols
-        if self.training and self.config.patch_dropout > 0 and not (output_class_attentions or output_attentions):
+        if (
+            block_inputs is None
+            and self.training
+            and self.config.patch_dropout > 0
+            and not (output_class_attentions or output_attentions)
+        ):
             # Rows asked for must cover every patch (attentions, class maps), so dropout skips those calls.
             hidden_states, num_patches = self.drop_patches(hidden_states, num_patches)
 
@@ -888,6 +929,8 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         num_classes = self.config.num_labels
         first_class_layer = self.first_class_token_layer()
         for index, layer in enumerate(self.layers):
+            if index < start:
+                continue  # computed before: block_inputs
             if index < first_class_layer:
                 # Class tokens have not joined yet: the block runs on patches and registers only.
                 rest, _, layer_attentions = layer(hidden_states[:, num_classes:], False, bool(output_attentions))
@@ -1120,18 +1163,21 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
     @can_return_tuple
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_class_maps: bool = False,
         attention_map_layers: int | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        block_inputs: torch.Tensor | None = None,
     ) -> ClsMaskClassifierOutput | tuple:
         """One pass, the same in training and inference (test-time passes and refinement: `predict_class_maps`).
 
         labels: (B, num_labels) multi-hot image labels. They give the loss and, in training, which tokens may be
             masked.
         output_class_maps: also return the (B, C, h, w) class maps on the patch grid (and the class attention rows).
+        block_inputs: instead of `pixel_values`, `clsmask.class_block_inputs(pixel_values)` computed before (a
+            frozen backbone's features cached for training); no class maps then (they need the image's grid).
         """
         if output_attentions is None:
             output_attentions = self.config.output_attentions
@@ -1139,8 +1185,11 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         diversity = self.training and labels is not None and self.config.diversity_loss_coefficient > 0
         output_class_maps = output_class_maps or diversity
+        if block_inputs is not None and output_class_maps:
+            raise ValueError("Class maps (output_class_maps, the diversity loss) need pixel_values, not block_inputs.")
         outputs = self.clsmask(
             pixel_values,
+            block_inputs=block_inputs,
             return_dict=True,
             output_class_attentions=output_class_maps,
             attention_map_layers=attention_map_layers,

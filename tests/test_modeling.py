@@ -457,6 +457,24 @@ def test_class_tokens_join_late():
         tiny_config(class_token_layers=1, attention_map_layers=2)
 
 
+def test_forward_from_cached_block_inputs_equals_the_full_pass():
+    # The states at the first block with class tokens are a function of the image alone, so a pass that starts there
+    # (what training from cached features does) gives the full pass's outputs and loss.
+    config = tiny_config(class_token_layers=1, attention_map_layers=1, num_hidden_layers=3, use_patch_classifier=True)
+    model = ClsMaskForMultiLabelClassification(config).eval()
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1, 0, 0], [0, 1, 1]])
+    inputs = model.clsmask.class_block_inputs(pixels)
+    assert inputs.shape == (2, 16 + 1, 32)  # patches and the register, no class tokens
+    full, cached = model(pixels, labels=labels), model(block_inputs=inputs, labels=labels)
+    torch.testing.assert_close(cached.logits, full.logits)
+    torch.testing.assert_close(cached.loss, full.loss)
+    torch.testing.assert_close(model.clsmask.class_block_register_states(pixels), inputs[:, -1:])
+    with pytest.raises(ValueError, match="exactly one"):
+        model.clsmask(pixels, block_inputs=inputs)
+    with pytest.raises(ValueError, match="Class maps"):
+        model(block_inputs=inputs, output_class_maps=True)
+
+
 def test_patch_dropout_training_only():
     config = tiny_config(patch_dropout=0.5, patch_embedding_type="patchify")
     model = ClsMaskModel(config)

@@ -522,6 +522,38 @@ def test_pretrained_preset_and_background_notice(tmp_path):
         run_pretrain.freeze_early_layers(model, 9)
 
 
+def test_cached_features_train_the_weights_the_full_backbone_trains(tmp_path, caplog):
+    # With nothing below the class tokens learning and the flip as the only augmentation, training from cached block
+    # inputs replays the uncached run: the same rows in the same order, the same flip draws, the same token masking.
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=28,
+                             patch_size=14)).save_pretrained(tmp_path / "dino")  # fmt: skip
+    common = [*BUILTIN, "--init_from", str(tmp_path / "dino"), "--image_size", "28", "--max_train_steps", "4",
+              "--per_device_train_batch_size", "8", "--baseline_train_samples", "0", "--num_visualizations", "0",
+              "--mixed_precision", "no"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        run_pretrain.main([*common, "--output_dir", str(tmp_path / "cached")])
+        assert "Features cached: the inputs of block 2 for 48 training images" in caplog.text
+        caplog.clear()
+        run_pretrain.main([*common, "--cache_features", "off", "--output_dir", str(tmp_path / "full")])
+        assert "Features cached" not in caplog.text
+    cached = load_file(tmp_path / "cached" / "model.safetensors")
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    for key in full:
+        torch.testing.assert_close(cached[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
+    names = ["background", "disk", "square", "triangle", "cross", "ring"]
+    started = run_pretrain.build_model(run_pretrain.parse_args(common), names).state_dict()
+    assert not torch.allclose(started["patch_classifier.dense.weight"], full["patch_classifier.dense.weight"])
+
+    # What would change the features between steps keeps the backbone running, and the log says why.
+    args = run_pretrain.parse_args([*common, "--crop_scale_min", "0.5"])
+    model = run_pretrain.build_model(args, ["a", "b"])
+    assert run_pretrain.feature_cache_blocker(args, model) == "random crops change the features every epoch"
+    args = run_pretrain.parse_args([*common, "--freeze_layers", "1"])
+    assert "learn" in run_pretrain.feature_cache_blocker(args, run_pretrain.build_model(args, ["a", "b"]))
+
+
 def test_class_mean_init_starts_each_class_at_its_images_mean_cls_state(tmp_path, caplog):
     # 'class_mean': class c enters the first block with class tokens as the mean [REG] ([CLS]) state there over the
     # training images holding c; a class no image holds gets all images' mean.

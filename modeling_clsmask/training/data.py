@@ -531,6 +531,28 @@ def train_dataloader(data, encoder: ExampleEncoder, batch_size: int, seed: int, 
     )
 
 
+class CachedFeatures(torch.utils.data.Dataset):
+    """Training rows as cached tensors (`run_pretrain.cache_block_inputs`): row i's features as given and flipped
+    and its labels."""
+
+    def __init__(self, features: dict[str, torch.Tensor]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features["labels"])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: values[index] for key, values in self.features.items()}
+
+
+def cached_features_dataloader(features: dict[str, torch.Tensor], batch_size: int, seed: int):
+    """`train_dataloader`'s batches (same sampler, generator and batch size, so the same rows in the same order)
+    over cached features."""
+    return torch.utils.data.DataLoader(
+        CachedFeatures(features), shuffle=True, batch_size=batch_size, generator=torch.Generator().manual_seed(seed)
+    )
+
+
 def eval_dataloader(data, encoder: ExampleEncoder, batch_size: int, max_samples: int | None = None):
     """Evaluation batches, in order."""
     return torch.utils.data.DataLoader(
