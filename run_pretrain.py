@@ -48,6 +48,7 @@ from modeling_clsmask.training.data import (
     ExampleEncoder,
     augment_batch,
     cached_features_dataloader,
+    collate,
     eval_dataloader,
     first_rows,
     load_data,
@@ -634,7 +635,7 @@ def print_results(metrics: dict, args) -> None:
             )
 
 
-def cached_train_loader(args, model, train_loader, encoder, spec, accelerator):
+def cached_train_loader(args, model, train_loader, accelerator):
     """With `--cache_features auto` where `feature_cache_blocker` finds nothing: a loader over the training images'
     cached block inputs (same rows, order and batches as `train_loader`), else None (the reason is logged)."""
     if args.cache_features == "off":
@@ -651,8 +652,9 @@ def cached_train_loader(args, model, train_loader, encoder, spec, accelerator):
         logger.info(f"Features not cached ({blocker}): the whole backbone runs every step.")
         return None
     first = model.clsmask.first_class_token_layer()
-    rows_loader = eval_dataloader(
-        first_rows(spec.dataset[args.train_split], args.max_train_samples), encoder, args.per_device_eval_batch_size
+    # train_loader's own encoded rows, in their stored order (the cache is indexed like the dataset).
+    rows_loader = torch.utils.data.DataLoader(
+        train_loader.dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate
     )
     features = cache_block_inputs(model, rows_loader, accelerator)
     logger.info(f"Features cached: the inputs of block {first} for {rows} training images as given and flipped "
@@ -759,7 +761,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             raise ValueError("--class_token_init class_mean: the class tokens pass the backbone's pre-encoder norm "
                              "(CLIP) before their first block; use --class_token_init embedding.")  # fmt: skip
-    train_loader = cached_train_loader(args, model, train_loader, encoder, spec, accelerator) or train_loader
+    train_loader = cached_train_loader(args, model, train_loader, accelerator) or train_loader
     optimizer = build_optimizer(args, model)
     model, optimizer, train_loader, eval_loader, schedule = prepare_training(
         accelerator, args, model, optimizer, train_loader, eval_loader

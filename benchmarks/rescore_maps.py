@@ -4,9 +4,9 @@
         cam --background_thresholds 0.35 0.5 --bf16
 
 The map source, the affinity power, test-time flips, the image refinement and the background threshold act at
-inference only, so a checkpoint trained
-with one setting gives every other setting's pseudo-masks exactly (same weights). Prints the pseudo-mask mIoU (image
-labels, the WSSS protocol) for every combination on one split; choose on validation, report on test.
+inference only, so a checkpoint trained with one setting gives every other setting's pseudo-masks exactly (same
+weights). Prints the pseudo-mask mIoU (image labels, the WSSS protocol) for every combination on one split; choose on
+validation, report on test.
 """
 
 from __future__ import annotations

@@ -769,6 +769,11 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         joined = self.config.class_token_layers or self.config.num_hidden_layers
         return self.config.num_hidden_layers - joined
 
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C + N + R, D) the tokens as they enter block 0: embedded, then the pre-encoder norm if there is one."""
+        hidden_states = self.embeddings(pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype))
+        return hidden_states if self.pre_layernorm is None else self.pre_layernorm(hidden_states)
+
     @torch.no_grad()
     def class_block_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, N + R, D): the patch and register states at the input of the first block the class tokens join.
@@ -776,10 +781,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         Class tokens do not exist before that block, so with the blocks below it frozen these states are a fixed
         function of the image: training can compute them once and pass them as `forward(block_inputs=...)`."""
         first = self.first_class_token_layer()
-        hidden_states = self.embeddings(pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype))
-        if self.pre_layernorm is not None:
-            hidden_states = self.pre_layernorm(hidden_states)
-        hidden_states = hidden_states[:, self.config.num_labels :]
+        hidden_states = self.embed(pixel_values)[:, self.config.num_labels :]
         for layer in self.layers[:first]:
             hidden_states = layer(hidden_states, False, False)[0]
         return hidden_states
@@ -895,10 +897,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
             hidden_states = torch.cat([class_tokens, block_inputs], dim=1)
             num_patches = block_inputs.shape[1] - self.config.num_register_tokens
         else:
-            dtype = self.embeddings.patch_embeddings.projection.weight.dtype
-            hidden_states = self.embeddings(pixel_values.to(dtype))
-            if self.pre_layernorm is not None:
-                hidden_states = self.pre_layernorm(hidden_states)
+            hidden_states = self.embed(pixel_values)
             rows, cols = patch_grid(pixel_values, self.config.patch_size)
             num_patches = rows * cols
         wanted = set(self.class_attention_layers(attention_map_layers)) if output_class_attentions else set()
