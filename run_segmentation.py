@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="'auto' (the stage-1 image processor's), 'none' (every pixel gets a class) or a number in [0, 1].",
     )
     pseudo.add_argument(
+        "--ignore_margin",
+        type=optional_fraction,
+        default=None,
+        help="Training pseudo-masks leave unlabelled (255, skipped by the loss) the pixels whose best class beats "
+        "the runner-up (or background at its threshold) by less than this, in normalised map units; 'none' (default) "
+        "labels every pixel. The validation split's pseudo-masks are always complete.",
+    )
+    pseudo.add_argument(
         "--pseudo_label_source",
         choices=["labels", "predictions"],
         default="labels",
@@ -175,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
+    args.ignore_margin = resolve_threshold(args.ignore_margin, None, "--ignore_margin")  # 'auto' = off
     if args.push_pseudo_masks_to_hub and not args.pseudo_masks_repo_id:
         parser.error("--push_pseudo_masks_to_hub needs --pseudo_masks_repo_id.")
     # The config's own checks, so the command line and the config accept the same values.
@@ -216,7 +225,8 @@ def generate_pseudo_masks(
     source = args.pseudo_label_source
     overrides = {"scales": args.scales, "flip": args.flip, "refinement_iterations": args.refinement_iterations}
     loader = eval_dataloader(data, encoder, args.pseudo_batch_size)
-    masks, confusion = [], 0
+    ignore_margin = args.ignore_margin if split == args.train_split else None
+    masks, confusion, labelled, pixels_total = [], 0, 0, 0
     num_labels = config.num_labels
     model.eval().to(accelerator.device)
     for batch in tqdm(loader, desc=f"pseudo-masks ({split})", disable=not accelerator.is_local_main_process):
@@ -225,11 +235,15 @@ def generate_pseudo_masks(
         with accelerator.autocast():  # bf16 with --mixed_precision bf16 (masks are made in fp32)
             outputs = model.predict_class_maps(pixels, image_labels=labels, **overrides)
         sizes = batch["original_size"].tolist()
-        pseudo = processor.post_process_semantic_segmentation(outputs, sizes)
+        pseudo = processor.post_process_semantic_segmentation(outputs, sizes, ignore_margin=ignore_margin)
         masks.extend(mask.cpu().to(torch.uint8).numpy() for mask in pseudo)
+        labelled += sum(int((mask != IGNORE_INDEX).sum()) for mask in pseudo)
+        pixels_total += sum(mask.numel() for mask in pseudo)
         if "mask" in batch:
-            resized = [nearest_resize(mask, size) for mask in pseudo]
-            confusion = confusion + confusion_matrices(torch.stack(resized).cpu(), batch["mask"], num_labels).sum(0)
+            resized = torch.stack([nearest_resize(mask, size) for mask in pseudo]).cpu()
+            # Scored where both are labelled: with --ignore_margin, the quality of what the segmenter learns from.
+            truth = torch.where(resized == IGNORE_INDEX, IGNORE_INDEX, batch["mask"])
+            confusion = confusion + confusion_matrices(resized, truth, num_labels).sum(0)
 
     image_column = spec.image_column
 
@@ -251,6 +265,8 @@ def generate_pseudo_masks(
             else args.refinement_iterations
         ),
         "background_threshold": processor.background_threshold,
+        "ignore_margin": ignore_margin,
+        "labelled_fraction": labelled / max(1, pixels_total),
         "mixed_precision": accelerator.mixed_precision,
     }
     if isinstance(confusion, torch.Tensor):
@@ -482,9 +498,12 @@ def make_pseudo_masks(args, accelerator, stage1, spec: DataSpec) -> tuple[datase
         with open(os.path.join(args.output_dir, "pseudo_mask_results.json"), "w") as handle:
             json.dump(report, handle, indent=2)
         if "pseudo_mask_mean_iou" in report:
+            coverage = ""
+            if report["ignore_margin"] is not None:
+                coverage = f" on the {report['labelled_fraction']:.1%} of pixels labelled (--ignore_margin)"
             print(
                 f"pseudo-mask mIoU ({args.train_split}, {report['pseudo_label_source']}): "
-                f"{report['pseudo_mask_mean_iou']:.4f}"
+                f"{report['pseudo_mask_mean_iou']:.4f}{coverage}"
             )
         if args.push_pseudo_masks_to_hub:
             datasets.load_from_disk(pseudo_dir).push_to_hub(args.pseudo_masks_repo_id, token=args.hub_token)

@@ -186,6 +186,7 @@ class ClsMaskImageProcessor(PilBackend):
         target_sizes: list[tuple[int, int]] | None = None,
         background_threshold: float | str | None = AUTO,
         classes: torch.Tensor | None = None,
+        ignore_margin: float | None = None,
     ) -> list[torch.Tensor]:
         """Pseudo-masks (paper, Sec. 3) as a list of (H, W) label tensors, one per image: the one path from model
         outputs to masks (the pipeline, the training scripts and the benchmarks all call it).
@@ -194,7 +195,8 @@ class ClsMaskImageProcessor(PilBackend):
         painted are `outputs.present` (predicted, or the given image labels) unless `classes` ((B, C) bool) is
         given. `target_sizes` gives each image's (H, W); without it, masks have the class maps' own resolution.
         `background_threshold="auto"` (default) means "this processor's setting"; `None` forces every pixel to a
-        class; a number in [0, 1] sets it for this call.
+        class; a number in [0, 1] sets it for this call. `ignore_margin` (stage-2 training labels): pixels whose
+        best class beats the runner-up by less than it get 255 (`masks_from_class_maps`).
         """
         background_threshold = resolve_threshold(background_threshold, self.background_threshold)
         class_maps = getattr(outputs, "class_maps", None)
@@ -224,6 +226,7 @@ class ClsMaskImageProcessor(PilBackend):
             "background_threshold": background_threshold,
             "background_label_id": self.background_label_id,
             "assembly": self.mask_assembly,
+            "ignore_margin": resolve_threshold(ignore_margin, None, "ignore_margin"),
         }
         if sizes is None or len(set(sizes)) == 1:
             size = sizes[0] if sizes else tuple(class_maps.shape[-2:])

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
+IGNORE_INDEX = 255
+"""The label of pixels a loss skips (void in the datasets, uncertain in pseudo-masks with `ignore_margin`)."""
+
 AUTO = "auto"
 """The one spelling, in Python and on every command line, of "this option's configured default" for optional
 thresholds (`background_threshold`): `"auto"` takes the default, `None` (`none` on a command line) switches the
@@ -137,6 +140,8 @@ def masks_from_class_maps(
     background_label_id: int = 0,
     max_working_size: int | None = MAX_WORKING_SIZE,
     assembly: str = "threshold",
+    ignore_margin: float | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Turn per-class attention maps into label maps, batched.
 
@@ -155,6 +160,10 @@ def masks_from_class_maps(
             confident claimant wins, unclaimed pixels take the nearest claimed class. `"argmax"`: each pixel takes the
             present class whose normalised map is highest there (as CAMs are read); diffuse maps, whose above-mean
             halves overlap, keep more of their shape this way.
+        ignore_margin: `None`: every pixel is labelled. A float: pixels where the best normalised score beats the
+            second best by less than it get `ignore_index` (a segmentation loss then skips them). With background,
+            the background's score is `background_threshold`; a pixel with a single candidate is always kept.
+        ignore_index: the label of those pixels.
 
     Returns:
         (B, H, W) int64 label maps. Without background, an image with no present class takes its most probable
@@ -200,12 +209,29 @@ def masks_from_class_maps(
             torch.full_like(labels, background_label_id),
             labels,
         )
+    if ignore_margin is not None:
+        margin = decision_margin(maps, present, background_threshold)
+        labels = torch.where(margin < ignore_margin, torch.full_like(labels, ignore_index), labels)
     return labels if size == output_size else nearest_resize(labels, output_size)
+
+
+def decision_margin(maps: torch.Tensor, present: torch.Tensor, background_threshold: float | None) -> torch.Tensor:
+    """(B, H, W) gap between the best and the second-best candidate score per pixel: the present classes' normalised
+    maps and, with a threshold, background at the threshold's score; infinite where there is one candidate."""
+    scores = torch.where(present[..., None, None], maps, torch.full_like(maps, -float("inf")))
+    if background_threshold is not None:
+        scores = torch.cat([scores, torch.full_like(scores[:, :1], float(background_threshold))], dim=1)
+    if scores.shape[1] < 2:
+        return torch.full_like(scores[:, 0], float("inf"))
+    top = scores.topk(2, dim=1).values
+    return torch.where(top[:, 1].isinf(), torch.full_like(top[:, 0], float("inf")), top[:, 0] - top[:, 1])
 
 
 __all__ = [
     "AUTO",
+    "IGNORE_INDEX",
     "MASK_ASSEMBLIES",
+    "decision_margin",
     "masks_from_class_maps",
     "nearest_fill",
     "nearest_resize",

@@ -156,3 +156,24 @@ def test_argmax_assembly_takes_the_highest_normalised_map():
     assert masked[0, 0].tolist() == [1, 1, 2, 2]
     with pytest.raises(ValueError, match="assembly"):
         masks_from_class_maps(maps, scores, present, (1, 4), assembly="vote")
+
+
+def test_ignore_margin_leaves_close_calls_unlabelled():
+    maps = torch.zeros(1, 3, 1, 4)
+    maps[0, 1] = torch.tensor([1.0, 0.55, 0.5, 0.0])
+    maps[0, 2] = torch.tensor([0.0, 0.5, 0.55, 1.0])
+    scores, present = torch.tensor([[0.9, 0.9, 0.8]]), torch.tensor([[False, True, True]])
+    kept = masks_from_class_maps(maps, scores, present, (1, 4), assembly="argmax", ignore_margin=0.1)
+    assert kept[0, 0].tolist() == [1, 255, 255, 2]
+    complete = masks_from_class_maps(maps, scores, present, (1, 4), assembly="argmax", ignore_margin=0.0)
+    assert complete[0, 0].tolist() == [1, 1, 2, 2]
+    # Background competes at its threshold's score: 0.55 against 0.5 is a close call, 1.0 is not.
+    with_background = masks_from_class_maps(
+        maps, scores, torch.tensor([[True, True, False]]), (1, 4), 0.5, 0, assembly="argmax", ignore_margin=0.1
+    )
+    assert with_background[0, 0].tolist() == [1, 255, 255, 0]
+    # One candidate (no background, one present class): nothing to be unsure between.
+    single = masks_from_class_maps(
+        maps, scores, torch.tensor([[False, True, False]]), (1, 4), assembly="argmax", ignore_margin=0.9
+    )
+    assert single[0, 0].tolist() == [1, 1, 1, 1]

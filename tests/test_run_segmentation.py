@@ -1,5 +1,7 @@
 """run_segmentation.py on tiny data: pseudo-masks, saved dataset schema, TTA override, segmentation, baseline."""
 
+import json
+
 import datasets
 import numpy as np
 import pytest
@@ -115,6 +117,32 @@ def test_pipeline_processor_and_stage2_pseudo_masks_are_equal(stage1, tmp_path):
         np.testing.assert_array_equal(direct, stage2)
         np.testing.assert_array_equal(from_pipeline, stage2)
     assert len({tuple(np.unique(np.asarray(m))) for m in saved["pseudo_mask"]}) > 1  # not one constant answer
+
+
+def test_ignore_margin_unlabels_only_close_calls_of_the_training_masks(stage1, tmp_path):
+    from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor
+
+    out = tmp_path / "seg"
+    run_segmentation.main(["--model_name_or_path", stage1, *BUILTIN, *SEG, "--max_train_steps", "1",
+                           "--max_train_samples", "8", "--num_visualizations", "0", "--ignore_margin", "0.3",
+                           "--output_dir", str(out)])  # fmt: skip
+    saved = datasets.load_from_disk(str(out / "pseudo_masks"))
+    model = ClsMaskForSemanticSegmentation.from_pretrained(stage1).eval()
+    processor = ClsMaskImageProcessor.from_pretrained(stage1)
+    unlabelled = 0
+    for example in saved["train"]:
+        image, stage2 = example["image"], np.asarray(example["pseudo_mask"])
+        present = torch.zeros(1, model.config.num_labels, dtype=torch.long)
+        present[0, example["labels"]] = 1
+        outputs = model.predict_class_maps(**processor(image, return_tensors="pt"), image_labels=present)
+        complete = processor.post_process_semantic_segmentation(outputs, [(image.height, image.width)])[0].numpy()
+        kept = stage2 != 255
+        np.testing.assert_array_equal(stage2[kept], complete[kept])
+        unlabelled += int((~kept).sum())
+    assert unlabelled > 0
+    assert all(255 not in np.unique(np.asarray(m)) for m in saved["validation"]["pseudo_mask"])
+    report = json.loads((out / "pseudo_mask_results.json").read_text())
+    assert report["ignore_margin"] == 0.3 and 0 < report["labelled_fraction"] < 1
 
 
 def test_stage2_keeps_stage1_normalisation(stage1, tmp_path):

@@ -7,10 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..pseudo_masks import normalize_maps
-
-
-IGNORE_INDEX = 255
+from ..pseudo_masks import IGNORE_INDEX, normalize_maps
 
 
 def confusion_matrices(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
