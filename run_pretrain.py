@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--patch_classifier_loss_weight", type=float, default=1.0, help="Weight of the patch classifier's BCE."
     )
+    model.add_argument(
+        "--patch_classifier_top_fraction",
+        type=float,
+        help="The patch classifier's image logit: the mean of this fraction of its highest patch logits, 1 = all "
+        "(preset).",
+    )
     model.add_argument("--diversity_loss_coefficient", type=float, default=0.0, help="Public code's option: 0.1.")
     model.add_argument(
         "--background_threshold",
@@ -334,7 +340,7 @@ CONFIG_FROM_ARGS = (
     "attention_map_layer_ids",
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
     "attention_map_refinement_sigma", "attention_map_refinement_dilations", "attention_map_affinity_power",
-    "use_patch_classifier", "class_map_source", "patch_classifier_loss_weight",
+    "use_patch_classifier", "class_map_source", "patch_classifier_loss_weight", "patch_classifier_top_fraction",
 )  # fmt: skip
 ARCHITECTURE_FROM_ARGS = (
     "patch_embedding_type", "conv_stem_depth", "image_size", "patch_size", "num_channels", "hidden_size",

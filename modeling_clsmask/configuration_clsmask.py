@@ -107,9 +107,12 @@ class ClsMaskConfig(PreTrainedConfig):
             backbone's patch features group objects, so a class-token map that found part of an object spreads to
             the rest of it. 0 (default): off.
         use_patch_classifier (`bool`): add a linear classifier on every final patch token, trained on the image
-            labels through the mean of its patch logits (the PatchCAM of MCTformer-V2, Xu et al., 2023). Its
+            labels through the pooled patch logits (the PatchCAM of MCTformer-V2, Xu et al., 2023). Its
             per-patch scores are a CAM learnt beside the class tokens; `class_map_source` says whether maps use it.
         patch_classifier_loss_weight (`float`): weight of the patch classifier's BCE in the loss.
+        patch_classifier_top_fraction (`float`): the patch classifier's image logit per class is the mean of its
+            highest `ceil(fraction * patches)` patch logits; 1 (default): the mean of all (MCTformer-V2). Below 1, a
+            class that covers part of the image is not pushed to show on the patches of other classes.
         class_map_source (`str`): what the class maps are made of. `"attention"`: the class tokens' attention over
             the patches (the paper); `"cam"`: the patch classifier's scores; `"attention_cam"`: per class, the
             geometric mean of both, each min-max normalised, so a patch scores high only when its class token
@@ -165,6 +168,7 @@ class ClsMaskConfig(PreTrainedConfig):
     attention_map_affinity_power: float = 0.0
     use_patch_classifier: bool = False
     patch_classifier_loss_weight: float = 1.0
+    patch_classifier_top_fraction: float = 1.0
     class_map_source: str = "attention"
 
     def __post_init__(self, **kwargs):
@@ -201,6 +205,10 @@ class ClsMaskConfig(PreTrainedConfig):
             )
         if not self.patch_classifier_loss_weight >= 0:
             raise ValueError(f"patch_classifier_loss_weight must be >= 0, got {self.patch_classifier_loss_weight}.")
+        if not 0.0 < self.patch_classifier_top_fraction <= 1.0:
+            raise ValueError(
+                f"patch_classifier_top_fraction must lie in (0, 1], got {self.patch_classifier_top_fraction}."
+            )
         if self.num_channels < 1:
             raise ValueError(f"num_channels must be at least 1, got {self.num_channels}.")
         if not self.attention_map_affinity_power >= 0:

@@ -72,7 +72,7 @@ class ClsMaskClassifierOutput(ModelOutput):
         attention aggregated over heads and the chosen layers), when asked for.
     class_attentions: the attention rows of the class tokens, per layer asked for.
     l0_loss: the gate penalty before weighting (expected number of open gates), when gates are used.
-    patch_logits: (B, C) the patch classifier's image logits (the mean of its patch logits), when it is on.
+    patch_logits: (B, C) the patch classifier's image logits (pooled from its patch logits), when it is on.
     class_token_logits: (B, C) the class tokens' readout alone (equal to `logits` without the patch classifier).
     """
 
@@ -427,10 +427,19 @@ class ClsMaskPatchClassifier(nn.Module):
     def __init__(self, config: ClsMaskConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.num_labels)
+        self.top_fraction = config.patch_classifier_top_fraction
 
     def forward(self, patch_states: torch.Tensor) -> torch.Tensor:
         """(B, N, D) patch tokens -> (B, N, C) patch logits."""
         return self.dense(patch_states)
+
+    def pool(self, patch_logits: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) patch logits -> (B, C) image logits: per class, the mean of the top `top_fraction` of patches."""
+        num_patches = patch_logits.shape[1]
+        keep = max(1, math.ceil(self.top_fraction * num_patches))
+        if keep >= num_patches:
+            return patch_logits.mean(1)
+        return patch_logits.topk(keep, dim=1).values.mean(1)
 
 
 class ClsMaskMapRefinement(nn.Module):
@@ -1138,8 +1147,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         return states[:, self.config.num_labels : states.shape[1] - self.config.num_register_tokens]
 
     def patch_image_logits(self, outputs: ClsMaskModelOutput) -> torch.Tensor:
-        """(B, C) the patch classifier's image logits: the mean of its patch logits."""
-        return self.patch_classifier(self.patch_tokens(outputs)).mean(1)
+        """(B, C) the patch classifier's image logits, pooled from its patch logits (`pool`)."""
+        return self.patch_classifier.pool(self.patch_classifier(self.patch_tokens(outputs)))
 
     @staticmethod
     def image_logits(class_token_logits: torch.Tensor, patch_logits: torch.Tensor | None) -> torch.Tensor:

@@ -692,8 +692,9 @@ def test_affinity_maps_in_the_model_only_at_inference():
 
 
 def test_patch_classifier_loss_and_maps_against_explicit_computation():
-    # The patch classifier reads every final patch token: its image logits are the mean of the patch logits, its BCE
-    # joins the loss with its weight, and the map sources are the attention, the CAM, or their geometric mean or mean.
+    # The patch classifier reads every final patch token: its image logits are the mean of the patch logits (top
+    # fraction 1, the default), its BCE joins the loss with its weight, and the map sources are the attention, the
+    # CAM, or their geometric mean or mean.
     from modeling_clsmask.pseudo_masks import normalize_maps
 
     torch.manual_seed(0)
@@ -729,6 +730,26 @@ def test_patch_classifier_loss_and_maps_against_explicit_computation():
     model.train()
     model(pixels, labels=labels).loss.backward()
     assert model.patch_classifier.dense.weight.grad.abs().sum() > 0
+
+
+def test_patch_classifier_top_fraction_pools_the_highest_patch_logits():
+    # 16 patches, fraction 0.3: each class's image logit is the mean of its ceil(4.8) = 5 highest patch logits, and
+    # the loss and the reported logits use that pooling.
+    torch.manual_seed(0)
+    config = tiny_config(use_patch_classifier=True, patch_classifier_top_fraction=0.3)
+    model = ClsMaskForMultiLabelClassification(config).eval()
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    out = model(pixels, labels=labels)
+    patch_logits = model.patch_classifier.dense(model.clsmask(pixels).last_hidden_state[:, 3 : 3 + 16])
+    top = patch_logits.sort(dim=1, descending=True).values[:, :5].mean(1)
+    torch.testing.assert_close(out.patch_logits, top)
+    class_loss = torch.nn.functional.binary_cross_entropy_with_logits(out.class_token_logits, labels)
+    patch_loss = torch.nn.functional.binary_cross_entropy_with_logits(top, labels)
+    torch.testing.assert_close(out.loss, class_loss + patch_loss)
+    assert not torch.allclose(top, patch_logits.mean(1))
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="patch_classifier_top_fraction"):
+            tiny_config(use_patch_classifier=True, patch_classifier_top_fraction=bad)
 
 
 def test_patch_classifier_config_checks_and_round_trip(tmp_path):

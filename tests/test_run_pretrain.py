@@ -495,6 +495,7 @@ def test_pretrained_preset_and_background_notice(tmp_path):
         run_pretrain.parse_args(["--init_from", str(tmp_path / "dino"), "--token_mask_rate", "none"])
     assert config.backbone_family == "dinov2" and config.class_token_layers == 2 and config.attention_map_layers == 2
     assert config.attention_map_refinement_iterations == preset["attention_map_refinement_iterations"]
+    assert config.patch_classifier_top_fraction == preset["patch_classifier_top_fraction"] < 1
     settings = run_pretrain.mask_settings(args, 0)
     assert settings["background_threshold"] == preset["auto_background_threshold"] != run_pretrain.RAW_BACKGROUND
     assert settings["mask_assembly"] == preset["mask_assembly"]

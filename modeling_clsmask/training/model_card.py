@@ -37,6 +37,7 @@ CONFIG_FIELDS = (
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
     "attention_map_refinement_sigma", "class_token_layers", "class_token_isolation", "backbone_family",
     "attention_map_affinity_power", "hide_class_tokens", "use_patch_classifier", "class_map_source",
+    "patch_classifier_top_fraction",
 )  # fmt: skip
 # Mask settings live in the saved image processor (preprocessor_config.json).
 PROCESSOR_FIELDS = ("background_threshold", "mask_assembly")
