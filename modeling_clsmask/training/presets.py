@@ -74,9 +74,9 @@ PRESETS: dict[str, dict] = {
         "use_patch_classifier": True,
         # The mean, not the geometric mean: where the class attention misses an object the CAM still marks it.
         "class_map_source": "attention_cam_mean",
-        # Its image logit is the mean of the top half of its patch logits, not of all: a class covering part of the
-        # image is then not pushed onto the other classes' patches (docs/results.md, session 14).
-        "patch_classifier_top_fraction": 0.5,
+        # Its image logit is the mean of the top quarter of its patch logits, not of all: a class covering part of
+        # the image is then not pushed onto the other classes' patches (docs/results.md, session 14).
+        "patch_classifier_top_fraction": 0.25,
         # 'auto' background threshold where the masks hold background (chosen on real photos with a background class
         # and on the built-in shapes; CamVid tiles have none).
         "auto_background_threshold": 0.5,
