@@ -426,17 +426,18 @@ class ClsMaskPatchClassifier(nn.Module):
 
     def __init__(self, config: ClsMaskConfig):
         super().__init__()
+        self.config = config
         self.dense = nn.Linear(config.hidden_size, config.num_labels)
-        self.top_fraction = config.patch_classifier_top_fraction
 
     def forward(self, patch_states: torch.Tensor) -> torch.Tensor:
         """(B, N, D) patch tokens -> (B, N, C) patch logits."""
         return self.dense(patch_states)
 
     def pool(self, patch_logits: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) patch logits -> (B, C) image logits: per class, the mean of the top `top_fraction` of patches."""
+        """(B, N, C) patch logits -> (B, C) image logits: per class, the mean of its highest
+        `config.patch_classifier_top_fraction` of patch logits."""
         num_patches = patch_logits.shape[1]
-        keep = max(1, math.ceil(self.top_fraction * num_patches))
+        keep = max(1, math.ceil(self.config.patch_classifier_top_fraction * num_patches))
         if keep >= num_patches:
             return patch_logits.mean(1)
         return patch_logits.topk(keep, dim=1).values.mean(1)
