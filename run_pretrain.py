@@ -232,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(preset).",
     )
     model.add_argument(
+        "--cam_probability",
+        action=argparse.BooleanOptionalAction,
+        help="The CAM enters the maps as the patch classifier's probability (sigmoid), not its logit (preset).",
+    )
+    model.add_argument(
         "--patch_classifier_loss_weight", type=float, default=1.0, help="Weight of the patch classifier's BCE."
     )
     model.add_argument(
@@ -341,6 +346,7 @@ CONFIG_FROM_ARGS = (
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
     "attention_map_refinement_sigma", "attention_map_refinement_dilations", "attention_map_affinity_power",
     "use_patch_classifier", "class_map_source", "patch_classifier_loss_weight", "patch_classifier_top_fraction",
+    "cam_probability",
 )  # fmt: skip
 ARCHITECTURE_FROM_ARGS = (
     "patch_embedding_type", "conv_stem_depth", "image_size", "patch_size", "num_channels", "hidden_size",

@@ -38,6 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--class_map_sources", nargs="+", choices=list(CLASS_MAP_SOURCES), help="Map sources (default: the config's)."
     )
+    parser.add_argument(
+        "--cam_probability",
+        choices=["off", "on"],
+        nargs="+",
+        help="The CAM as the patch classifier's logit (off) or probability (on) (default: the config's).",
+    )
     parser.add_argument("--affinity_powers", type=float, nargs="+", help="Affinity powers (default: the config's).")
     parser.add_argument(
         "--refinement_iterations", type=int, nargs="+", help="Image-refinement rounds (default: the config's)."
@@ -62,17 +68,18 @@ def main(argv=None) -> dict:
     model, processor, _, loader = checkpoint_and_masked_split(args, "pseudo-masks are scored against them")
     config = model.config
     sources = args.class_map_sources or [config.class_map_source]
+    probabilities = [p == "on" for p in args.cam_probability] if args.cam_probability else [config.cam_probability]
     powers = args.affinity_powers or [config.attention_map_affinity_power]
     rounds = args.refinement_iterations or [config.attention_map_refinement_iterations]
     flips = [flip == "on" for flip in args.flips] if args.flips else [config.attention_map_flip]
     thresholds = args.background_thresholds or [processor.background_threshold]
-    settings = list(itertools.product(sources, powers, flips, rounds))
+    settings = list(itertools.product(sources, probabilities, powers, flips, rounds))
     confusion = {setting + (threshold,): 0 for setting in settings for threshold in thresholds}
     for batch in tqdm(loader, desc="rescore"):
         masks = batch["mask"]
         sizes = [tuple(masks.shape[-2:])] * masks.shape[0]
-        for source, power, flip, iterations in settings:
-            config.class_map_source = source
+        for source, probability, power, flip, iterations in settings:
+            config.class_map_source, config.cam_probability = source, probability
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 outputs = model.predict_class_maps(
                     batch["pixel_values"], affinity_power=power, flip=flip, refinement_iterations=iterations
@@ -82,15 +89,16 @@ def main(argv=None) -> dict:
                     outputs, sizes, classes=batch["labels"].bool(), background_threshold=threshold
                 )
                 counts = confusion_matrices(torch.stack(labels), masks, config.num_labels).sum(0)
-                key = (source, power, flip, iterations, threshold)
+                key = (source, probability, power, flip, iterations, threshold)
                 confusion[key] = confusion[key] + counts
     results = {}
     print(f"{args.split} ({len(loader.dataset)} images): pseudo-mask mIoU from the image labels")
     for key, counts in confusion.items():
-        source, power, flip, iterations, threshold = key
+        source, probability, power, flip, iterations, threshold = key
         score = results[key] = iou_from_confusion(counts)["mean_iou"]
         print(
-            f"  {source:<20} affinity power {power:<4g} flip {'on' if flip else 'off':<3} refinement {iterations:<3}"
+            f"  {source:<20} CAM {'probability' if probability else 'logit':<11} affinity power {power:<4g}"
+            f" flip {'on' if flip else 'off':<3} refinement {iterations:<3}"
             f" background {threshold}: {score:.4f}"
         )
     return results

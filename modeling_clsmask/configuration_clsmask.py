@@ -119,6 +119,10 @@ class ClsMaskConfig(PreTrainedConfig):
             attends to it *and* the patch classifier sees the class there (MCTformer-V2 multiplies the two the same
             way); `"attention_cam_mean"`: their mean, so a class token whose attention missed its object (as happens
             with few training images) cannot veto the CAM there. The last three need `use_patch_classifier`.
+        cam_probability (`bool`): the CAM enters the class maps as the patch classifier's probability per patch (the
+            sigmoid of its logit) rather than the logit. Min-max normalising a logit map stretches a class's faint
+            evidence as far as its strong evidence; the sigmoid keeps patches the classifier calls absent near zero
+            and those it is sure of near one, so present classes compete on evidence. False (default): the logit.
         gate_log_alpha_init (`float`): initial Hard Concrete `log_alpha`: 3 starts every gate open and nearly
             deterministic, 0 (the public code) starts them stochastic so pruning shows in short runs.
     """
@@ -170,6 +174,7 @@ class ClsMaskConfig(PreTrainedConfig):
     patch_classifier_loss_weight: float = 1.0
     patch_classifier_top_fraction: float = 1.0
     class_map_source: str = "attention"
+    cam_probability: bool = False
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, (list, tuple)):

@@ -1159,8 +1159,10 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         return (class_token_logits + patch_logits) / 2
 
     def cam_maps(self, outputs: ClsMaskModelOutput, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, C, h, w) patch-classifier logits on the patch grid."""
+        """(B, C, h, w) patch-classifier logits on the patch grid (probabilities with `config.cam_probability`)."""
         logits = self.patch_classifier(self.patch_tokens(outputs))
+        if self.config.cam_probability:
+            logits = logits.sigmoid()
         return logits.transpose(1, 2).reshape(logits.shape[0], -1, *grid)
 
     def affinity_maps(self, class_maps: torch.Tensor, outputs: ClsMaskModelOutput, power: float) -> torch.Tensor:

@@ -752,6 +752,30 @@ def test_patch_classifier_top_fraction_pools_the_highest_patch_logits():
             tiny_config(use_patch_classifier=True, patch_classifier_top_fraction=bad)
 
 
+def test_cam_probability_puts_the_patch_classifier_probability_in_the_maps():
+    # With cam_probability the CAM is the sigmoid of the patch logits, alone and in the fused sources; the image
+    # logits and the loss do not change (it acts on the maps only).
+    from modeling_clsmask.pseudo_masks import normalize_maps
+
+    torch.manual_seed(0)
+    config = tiny_config(use_patch_classifier=True, class_map_source="cam")
+    model = ClsMaskForMultiLabelClassification(config).eval()
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    logits_out = model(pixels, labels=labels, output_class_maps=True)
+    model.config.cam_probability = True
+    prob_out = model(pixels, labels=labels, output_class_maps=True)
+    torch.testing.assert_close(prob_out.class_maps, logits_out.class_maps.sigmoid())
+    torch.testing.assert_close(prob_out.logits, logits_out.logits)
+    torch.testing.assert_close(prob_out.loss, logits_out.loss)
+    model.config.class_map_source = "attention"
+    attention = model(pixels, output_class_maps=True).class_maps
+    model.config.class_map_source = "attention_cam_mean"
+    fused = model(pixels, output_class_maps=True).class_maps
+    expected = (normalize_maps(attention) + normalize_maps(logits_out.class_maps.sigmoid())) / 2
+    torch.testing.assert_close(fused, expected)
+    assert not torch.allclose(fused, (normalize_maps(attention) + normalize_maps(logits_out.class_maps)) / 2)
+
+
 def test_patch_classifier_config_checks_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match="use_patch_classifier=True"):
         tiny_config(class_map_source="attention_cam")

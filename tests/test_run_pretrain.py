@@ -92,10 +92,10 @@ def test_builtin_end_to_end(tmp_path, capsys):
     flip, rounds = config["attention_map_flip"], config["attention_map_refinement_iterations"]
     rescored = rescore_maps.main([str(out), *BUILTIN, "--background_thresholds", "auto", "none",
                                   "--refinement_iterations", str(rounds), "0"])  # fmt: skip
-    own = rescored[("attention", 0.0, flip, rounds, "auto")]
+    own = rescored[("attention", False, 0.0, flip, rounds, "auto")]
     assert own == pytest.approx(saved["pseudo_mask_mean_iou"], abs=1e-6)
-    assert rescored[("attention", 0.0, flip, rounds, None)] != own
-    assert rounds > 0 and rescored[("attention", 0.0, flip, 0, "auto")] != own  # the refinement acts
+    assert rescored[("attention", False, 0.0, flip, rounds, None)] != own
+    assert rounds > 0 and rescored[("attention", False, 0.0, flip, 0, "auto")] != own  # the refinement acts
 
 
 def test_resume_gives_identical_weights(tmp_path):
@@ -496,6 +496,8 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     assert config.backbone_family == "dinov2" and config.class_token_layers == 2 and config.attention_map_layers == 2
     assert config.attention_map_refinement_iterations == preset["attention_map_refinement_iterations"]
     assert config.patch_classifier_top_fraction == preset["patch_classifier_top_fraction"] < 1
+    assert config.cam_probability is preset["cam_probability"] is True
+    assert config.attention_map_affinity_power == preset["attention_map_affinity_power"] > 0
     settings = run_pretrain.mask_settings(args, 0)
     assert settings["background_threshold"] == preset["auto_background_threshold"] != run_pretrain.RAW_BACKGROUND
     assert settings["mask_assembly"] == preset["mask_assembly"]
