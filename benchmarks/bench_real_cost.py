@@ -52,6 +52,7 @@ def main(argv=None) -> dict:
             hide_class_tokens=preset["hide_class_tokens"],
             use_patch_classifier=preset["use_patch_classifier"],
             class_map_source=preset["class_map_source"],
+            cam_probability=preset["cam_probability"],
         ).eval()
     config = model.config
     pixels = torch.randn(args.batch, 3, args.size, args.size)
