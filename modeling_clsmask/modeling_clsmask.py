@@ -1160,10 +1160,10 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
 
     def cam_maps(self, outputs: ClsMaskModelOutput, grid: tuple[int, int]) -> torch.Tensor:
         """(B, C, h, w) patch-classifier logits on the patch grid (probabilities with `config.cam_probability`)."""
-        logits = self.patch_classifier(self.patch_tokens(outputs))
+        scores = self.patch_classifier(self.patch_tokens(outputs))
         if self.config.cam_probability:
-            logits = logits.sigmoid()
-        return logits.transpose(1, 2).reshape(logits.shape[0], -1, *grid)
+            scores = scores.sigmoid()
+        return scores.transpose(1, 2).reshape(scores.shape[0], -1, *grid)
 
     def affinity_maps(self, class_maps: torch.Tensor, outputs: ClsMaskModelOutput, power: float) -> torch.Tensor:
         """`propagate_by_affinity` with the final patch tokens of `outputs`, when `power` > 0."""
