@@ -62,16 +62,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def switches(values: list[str] | None, default: bool) -> list[bool]:
+    """`off` / `on` command-line values as booleans; the config's `default` when none were given."""
+    return [value == "on" for value in values] if values else [default]
+
+
 @torch.no_grad()
 def main(argv=None) -> dict:
     args = parse_args(argv)
     model, processor, _, loader = checkpoint_and_masked_split(args, "pseudo-masks are scored against them")
     config = model.config
     sources = args.class_map_sources or [config.class_map_source]
-    probabilities = [p == "on" for p in args.cam_probability] if args.cam_probability else [config.cam_probability]
+    probabilities = switches(args.cam_probability, config.cam_probability)
     powers = args.affinity_powers or [config.attention_map_affinity_power]
     rounds = args.refinement_iterations or [config.attention_map_refinement_iterations]
-    flips = [flip == "on" for flip in args.flips] if args.flips else [config.attention_map_flip]
+    flips = switches(args.flips, config.attention_map_flip)
     thresholds = args.background_thresholds or [processor.background_threshold]
     settings = list(itertools.product(sources, probabilities, powers, flips, rounds))
     confusion = {setting + (threshold,): 0 for setting in settings for threshold in thresholds}
