@@ -674,9 +674,10 @@ def cached_train_loader(args, model, train_loader, accelerator):
     return cached_features_dataloader(features, args.per_device_train_batch_size, args.seed)
 
 
-def backbone_baselines(args, spec, encoder, config, processor, has_test: bool) -> dict:
+def backbone_baselines(args, spec, encoder, config, processor, has_test: bool, bf16: bool) -> dict:
     """What the frozen `--init_from` backbone gives without the method, on the same splits and metric (label-only,
-    CAM of a linear head, fully supervised linear probe): `baseline_*` and `test_baseline_*` entries."""
+    CAM of a linear head, fully supervised linear probe): `baseline_*` and `test_baseline_*` entries; `bf16`: the
+    backbone's features under bf16 autocast (as the run's own precision)."""
     logger.info(f"Baselines of the frozen backbone ({args.baseline_train_samples} training images) ...")
     foreground = foreground_ids(processor, len(spec.class_names))
     train = eval_dataloader(
@@ -693,7 +694,14 @@ def backbone_baselines(args, spec, encoder, config, processor, has_test: bool) -
     if processor.background_threshold is not None:
         background = (processor.background_label_id, processor.background_threshold)
     figures = frozen_baselines(
-        args.init_from, config.image_size, train, loaders, len(spec.class_names), foreground, background
+        args.init_from,
+        config.image_size,
+        train,
+        loaders,
+        len(spec.class_names),
+        foreground,
+        background,
+        bf16=bf16,
     )
     return {f"{prefix}baseline_{key}": value for prefix, values in figures.items() for key, value in values.items()}
 
@@ -714,7 +722,11 @@ def save_outputs(args, model, processor, metrics: dict, panels: list, spec, save
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = make_accelerator(
-        args.gradient_accumulation_steps, args.mixed_precision, args.with_tracking and args.report_to, args.output_dir
+        args.gradient_accumulation_steps,
+        args.mixed_precision,
+        args.with_tracking and args.report_to,
+        args.output_dir,
+        args.allow_slow_bf16,
     )
     if claim_output_dir(args, accelerator, "run_pretrain").get("finished_before"):
         release_output_dir(args.output_dir)
@@ -838,7 +850,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.update({f"test_{k}": v for k, v in test_metrics.items()})
         logger.info(f"test: { {k: round(v, 4) for k, v in test_metrics.items() if isinstance(v, float)} }")
     if args.init_from and spec.has_masks and args.baseline_train_samples and accelerator.is_main_process:
-        metrics.update(backbone_baselines(args, spec, encoder, unwrapped.config, processor, has_test))
+        bf16 = accelerator.mixed_precision == "bf16"
+        metrics.update(backbone_baselines(args, spec, encoder, unwrapped.config, processor, has_test, bf16))
     if args.with_tracking:
         accelerator.end_training()
     accelerator.wait_for_everyone()

@@ -537,7 +537,11 @@ def save_outputs(args, model, processor, results: dict, panels: list, spec: Data
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     accelerator = make_accelerator(
-        args.gradient_accumulation_steps, args.mixed_precision, args.with_tracking and args.report_to, args.output_dir
+        args.gradient_accumulation_steps,
+        args.mixed_precision,
+        args.with_tracking and args.report_to,
+        args.output_dir,
+        args.allow_slow_bf16,
     )
     if claim_output_dir(args, accelerator, "run_segmentation").get("finished_before"):
         release_output_dir(args.output_dir)

@@ -12,6 +12,7 @@ from test_run_pretrain import BUILTIN, TINY
 import run_pretrain
 import run_segmentation
 from modeling_clsmask import ClsMaskForMultiLabelClassification
+from modeling_clsmask.training import loop
 
 
 SEG = ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16", "--num_visualizations", "2"]
@@ -233,23 +234,34 @@ def test_resume_both_models_gives_identical_results(stage1, tmp_path, capsys):
             torch.testing.assert_close(again[key], weights[key], rtol=0, atol=0, msg=f"{interrupted}: {key}")
 
 
-def test_bf16_mixed_precision_on_cpu(stage1, tmp_path):
-    """`--mixed_precision bf16` runs on CPU in both scripts; pseudo-masks from bf16 maps agree with fp32 ones."""
+def test_bf16_mixed_precision_on_cpu(stage1, tmp_path, monkeypatch, caplog):
+    """`--mixed_precision bf16` runs on CPU in both scripts; pseudo-masks from bf16 maps agree with fp32 ones. On a CPU
+    that only emulates bf16 (measured slower than fp32; faked here so every machine tests both paths) a run uses fp32
+    and says so, unless `--allow_slow_bf16`."""
+    monkeypatch.setattr(loop, "cpu_bf16_slowdown", lambda: 5.0)
     common = [*BUILTIN, *SEG, "--max_train_steps", "1", "--max_train_samples", "16", "--num_visualizations", "0"]
-    stage1_bf16 = run_pretrain.main([*TINY, *common, "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "p")])
+    bf16_args = ["--mixed_precision", "bf16", "--allow_slow_bf16"]
+    stage1_bf16 = run_pretrain.main([*TINY, *common, *bf16_args, "--output_dir", str(tmp_path / "p")])
     assert stage1_bf16["train_loss"] == stage1_bf16["train_loss"]  # finite, not nan
     results = {}
     # The tiny model's maps are nearly flat, so the refinement (min-max normalised afterwards) would amplify bf16's
     # rounding; agreement is checked on the raw maps here and on a trained checkpoint in
     # benchmarks/bench_bf16_agreement.py.
-    for precision in ("no", "bf16"):
-        results[precision] = run_segmentation.main(
-            ["--model_name_or_path", stage1, *common, "--mixed_precision", precision, "--refinement_iterations", "0",
-             "--output_dir", str(tmp_path / precision)]
+    for name, precision in (("no", ["--mixed_precision", "no"]), ("bf16", bf16_args),
+                            ("fallback", ["--mixed_precision", "bf16"])):  # fmt: skip
+        caplog.clear()
+        results[name] = run_segmentation.main(
+            ["--model_name_or_path", stage1, *common, *precision, "--refinement_iterations", "0",
+             "--output_dir", str(tmp_path / name)]
         )  # fmt: skip
-    fp32 = datasets.load_from_disk(str(tmp_path / "no" / "pseudo_masks"))["train"]
-    bf16 = datasets.load_from_disk(str(tmp_path / "bf16" / "pseudo_masks"))["train"]
-    pairs = zip(fp32["pseudo_mask"], bf16["pseudo_mask"])
+        warned = [r.getMessage() for r in caplog.records if "--allow_slow_bf16" in r.getMessage()]
+        assert bool(warned) == (name == "fallback"), (name, warned)
+    assert "5.0x slower than fp32" in warned[0]
+    masks = {
+        name: datasets.load_from_disk(str(tmp_path / name / "pseudo_masks"))["train"]["pseudo_mask"]
+        for name in results
+    }
+    pairs = zip(masks["no"], masks["bf16"])
     agree = float(
         torch.tensor(
             [(torch.tensor(np.asarray(a)) == torch.tensor(np.asarray(b))).float().mean() for a, b in pairs]
@@ -257,7 +269,19 @@ def test_bf16_mixed_precision_on_cpu(stage1, tmp_path):
     )
     assert agree >= 0.95, agree
     assert abs(results["bf16"]["pseudo_mask_mean_iou"] - results["no"]["pseudo_mask_mean_iou"]) <= 0.05
-    assert (results["no"]["mixed_precision"], results["bf16"]["mixed_precision"]) == ("no", "bf16")
+    assert [results[name]["mixed_precision"] for name in ("no", "bf16", "fallback")] == ["no", "bf16", "no"]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(masks["no"], masks["fallback"]))
+    assert results["fallback"]["segmentation_mean_iou"] == results["no"]["segmentation_mean_iou"]
+
+
+def test_cpu_bf16_slowdown_is_measured_and_a_fast_cpu_keeps_bf16(monkeypatch):
+    ratio = loop.cpu_bf16_slowdown()
+    assert 0.01 < ratio < 100, ratio  # a measured ratio of two timings, positive and finite
+    monkeypatch.setattr(loop, "cpu_bf16_slowdown", lambda: loop.SLOW_BF16_RATIO * 0.9)
+    assert loop.make_accelerator(mixed_precision="bf16").mixed_precision == "bf16"
+    monkeypatch.setattr(loop, "cpu_bf16_slowdown", lambda: loop.SLOW_BF16_RATIO * 1.1)
+    assert loop.make_accelerator(mixed_precision="bf16").mixed_precision == "no"
+    assert loop.make_accelerator(mixed_precision="bf16", allow_slow_bf16=True).mixed_precision == "bf16"
 
 
 def test_segformer_reduction_ratios_keep_enough_keys():

@@ -139,6 +139,11 @@ def add_training_arguments(
     group.add_argument(
         "--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: Accelerate's setting (accelerate config)."
     )
+    group.add_argument(
+        "--allow_slow_bf16",
+        action="store_true",
+        help="Keep bf16 on a CPU where it measures slower than fp32 (without this, such a run uses fp32 and says so).",
+    )
     group.add_argument("--flip_prob", type=float, default=0.5, help="Augmentation: horizontal flip probability.")
     group.add_argument(
         "--crop_scale_min", type=float, default=crop_scale_min, help="Augmentation: random resized crop, min area."

@@ -123,15 +123,16 @@ def frozen_baselines(
     num_classes: int,
     foreground: list[int] | None = None,
     background: tuple[int, float] | None = None,
+    bf16: bool = True,
 ) -> dict[str, dict]:
     """Label-only, frozen-backbone CAM and fully supervised linear-probe figures for each of `eval_loaders`
     ({name: loader}; see module doc), with one backbone and one pair of heads fitted on `train_loader`.
 
     `foreground`: the class ids CAM and label-only may paint (all classes when None); `background` (id, threshold):
     CAM paints that id where its best normalised score is under the threshold (None: never), and is also scored at
-    the best of `CAM_THRESHOLDS` on each split (`frozen_cam_tuned_*`)."""
+    the best of `CAM_THRESHOLDS` on each split (`frozen_cam_tuned_*`). `bf16`: features under bf16 autocast."""
     backbone = frozen_backbone(path, image_size)
-    train_x, train_y, train_m = patch_features(backbone, train_loader, desc="baseline features (train)")
+    train_x, train_y, train_m = patch_features(backbone, train_loader, bf16, "baseline features (train)")
     foreground = list(range(num_classes)) if foreground is None else foreground
     keep = torch.zeros(num_classes, dtype=torch.bool)
     keep[foreground] = True
@@ -142,7 +143,7 @@ def frozen_baselines(
         probe = fit_linear(train_x.flatten(0, 2), targets, "ce")
     results = {}
     for name, loader in eval_loaders.items():
-        eval_x, eval_y, eval_m = patch_features(backbone, loader, desc=f"baseline features ({name})")
+        eval_x, eval_y, eval_m = patch_features(backbone, loader, bf16, f"baseline features ({name})")
         with torch.no_grad():
             image_probs = head(eval_x.mean((1, 2))).sigmoid()
             cams = head(eval_x).permute(0, 3, 1, 2)

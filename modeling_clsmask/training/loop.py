@@ -7,9 +7,11 @@ had already seen skipped, so a resumed run replays the same batches and random n
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,25 +25,68 @@ from transformers import get_scheduler
 from .outputs import find_checkpoint, save_checkpoint
 
 
+logger = logging.getLogger(__name__)
+
+
+# bf16 autocast is kept on a CPU only where it is at most this many times slower than fp32 (where the CPU has native
+# bf16 instructions it is faster; where oneDNN emulates them it is several times slower).
+SLOW_BF16_RATIO = 1.5
+
+
+@functools.cache
+def cpu_bf16_slowdown() -> float:
+    """How many times longer a ViT-S-sized linear layer takes under bf16 autocast than in fp32 on this CPU (best of
+    five runs each). Measured, not read off CPU flags: what matters is what oneDNN does with them."""
+    layer, inputs = torch.nn.Linear(384, 1536), torch.randn(1024, 384)
+
+    def best(bf16: bool) -> float:
+        times = []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for _ in range(6):
+                start = time.perf_counter()
+                layer(inputs)
+                times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    return best(True) / best(False)
+
+
 def make_accelerator(
     gradient_accumulation_steps: int = 1,
     mixed_precision: str | None = None,
     log_with: str | None = None,
     project_dir: str | None = None,
+    allow_slow_bf16: bool = False,
 ) -> Accelerator:
     """The Accelerator both scripts use: seedable sampler (per-epoch order from the seed), tracking, precision
-    (`None`: Accelerate's own setting, e.g. from `accelerate config`)."""
+    (`None`: Accelerate's own setting, e.g. from `accelerate config`).
+
+    bf16 on a CPU that only emulates it (`cpu_bf16_slowdown` above `SLOW_BF16_RATIO`) falls back to fp32 with a
+    warning, unless `allow_slow_bf16`: users ask for bf16 to run faster, and there it would run several times slower.
+    """
     kwargs = {"gradient_accumulation_steps": gradient_accumulation_steps}
     if log_with:
         kwargs.update(log_with=log_with, project_dir=project_dir)
     if mixed_precision:
         kwargs["mixed_precision"] = mixed_precision
-    # Each run sets its own precision, also when a process runs several (tests, notebooks): the shared accelerator
-    # state is reset (not the distributed one, which the process keeps).
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kwargs)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = new_accelerator(kwargs)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not allow_slow_bf16:
+        ratio = cpu_bf16_slowdown()
+        if ratio > SLOW_BF16_RATIO:
+            logger.warning(
+                f"bf16 autocast runs {ratio:.1f}x slower than fp32 on this CPU (emulated: no native bf16 "
+                "instructions), so this run uses fp32 instead of --mixed_precision bf16; --allow_slow_bf16 keeps bf16."
+            )
+            accelerator = new_accelerator({**kwargs, "mixed_precision": "no"})
     return accelerator
+
+
+def new_accelerator(kwargs: dict) -> Accelerator:
+    """An Accelerator with `kwargs`. Each run sets its own precision, also when a process runs several (tests,
+    notebooks): the shared accelerator state is reset (not the distributed one, which the process keeps)."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), **kwargs)
 
 
 @dataclass
