@@ -11,7 +11,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(2)
+# Under pytest-xdist (`-n 2`) each worker, and each process it starts, gets one of the 2 cores: more threads than
+# cores make torch's OpenMP workers wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 from modeling_clsmask import ClsMaskConfig  # noqa: E402
 
