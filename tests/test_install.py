@@ -67,16 +67,19 @@ def test_non_editable_install_runs_both_scripts_and_writes_cards(tmp_path):
     work = tmp_path / "work"  # neither the checkout nor the copy: only the installed files are importable from here
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    # One interpreter (each costs seconds of imports): where the package comes from, then `python -m run_pretrain
-    # --recipe voc --help`, since the recipes are installed with the package and --recipe works outside the checkout.
-    where_and_help = (
-        "import runpy, sys, modeling_clsmask; print(modeling_clsmask.__file__); "
-        "sys.argv = ['run_pretrain', '--recipe', 'voc', '--help']; "
-        "runpy.run_module('run_pretrain', run_name='__main__')"
+    # One interpreter (each costs seconds of imports): where the package comes from; the voc recipe's image size as
+    # the installed script reads it (the recipes are installed with the package: --recipe works outside the checkout;
+    # `--help` alone exits before any recipe is read); then `python -m run_pretrain --help`.
+    where_recipe_help = (
+        "import runpy, sys, modeling_clsmask, run_pretrain; print(modeling_clsmask.__file__); "
+        "parser = run_pretrain.build_parser(); run_pretrain.apply_recipe(parser, ['--recipe', 'voc']); "
+        "print(parser.get_default('image_size')); "
+        "sys.argv = ['run_pretrain', '--help']; runpy.run_module('run_pretrain', run_name='__main__')"
     )
-    where, help_text = run([sys.executable, "-c", where_and_help], cwd=work, env=env).split("\n", 1)
+    where, image_size, help_text = run([sys.executable, "-c", where_recipe_help], cwd=work, env=env).split("\n", 2)
     assert where.strip().startswith(str(site)), where
     assert (site / "modeling_clsmask/training/recipes/voc.json").exists()
+    assert image_size == "448", image_size
     assert "--init_from" in help_text
     short = [*BUILTIN, "--max_train_steps", "1", "--num_visualizations", "0"]
     run([sys.executable, "-m", "run_pretrain", *TINY, *short, "--output_dir", "stage1"], cwd=work, env=env)
