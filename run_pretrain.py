@@ -47,6 +47,7 @@ from modeling_clsmask.training.baselines import frozen_baselines
 from modeling_clsmask.training.data import (
     ExampleEncoder,
     augment_batch,
+    baseline_rows,
     cached_features_dataloader,
     collate,
     eval_dataloader,
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2000,
         help="With --init_from and masks: training images for the frozen-backbone baselines printed beside the "
-        "results (CAM, linear probe); 0 = skip them.",
+        "results (CAM, linear probe), drawn at random from the model's own training images; 0 = skip them.",
     )
     model.add_argument(
         "--new_parameter_lr_multiplier",
@@ -678,11 +679,11 @@ def backbone_baselines(args, spec, encoder, config, processor, has_test: bool, b
     """What the frozen `--init_from` backbone gives without the method, on the same splits and metric (label-only,
     CAM of a linear head, fully supervised linear probe): `baseline_*` and `test_baseline_*` entries; `bf16`: the
     backbone's features under bf16 autocast (as the run's own precision)."""
-    logger.info(f"Baselines of the frozen backbone ({args.baseline_train_samples} training images) ...")
     foreground = foreground_ids(processor, len(spec.class_names))
-    train = eval_dataloader(
-        spec.dataset[args.train_split], encoder, args.per_device_eval_batch_size, args.baseline_train_samples
-    )
+    train_split = spec.dataset[args.train_split]
+    rows = baseline_rows(train_split, args.max_train_samples, args.baseline_train_samples, args.seed)
+    logger.info(f"Baselines of the frozen backbone ({len(rows)} of the model's training images, drawn at random) ...")
+    train = eval_dataloader(rows, encoder, args.per_device_eval_batch_size)
     splits = {"": args.validation_split, **({"test_": args.test_split} if has_test else {})}
     loaders = {
         prefix: eval_dataloader(

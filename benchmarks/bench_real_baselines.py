@@ -24,7 +24,7 @@ from modeling_clsmask import ClsMaskImageProcessor  # noqa: E402
 from modeling_clsmask.backbones import normalisation  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments  # noqa: E402
 from modeling_clsmask.training.baselines import frozen_baselines  # noqa: E402
-from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data  # noqa: E402
+from modeling_clsmask.training.data import ExampleEncoder, baseline_rows, eval_dataloader, load_data  # noqa: E402
 from modeling_clsmask.training.loop import SLOW_BF16_RATIO, cpu_bf16_slowdown  # noqa: E402
 from modeling_clsmask.training.presets import PRESETS  # noqa: E402
 
@@ -34,7 +34,10 @@ def main(argv=None) -> dict:
     add_data_arguments(parser)
     parser.add_argument("--init_from", required=True, help="The pretrained backbone (folder or Hub id).")
     parser.add_argument("--image_size", type=int, default=112)
-    parser.add_argument("--train_samples", type=int, default=2000, help="Training images for the heads.")
+    parser.add_argument(
+        "--train_samples", type=int, default=2000, help="Training images for the heads, drawn as run_pretrain.py does."
+    )
+    parser.add_argument("--seed", type=int, default=42, help="Seed of the draw (run_pretrain.py's --seed).")
     parser.add_argument("--splits", nargs="+", default=["validation"])
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--checkpoint", help="A trained clsmask folder whose eval_results.json to print beside.")
@@ -58,7 +61,8 @@ def main(argv=None) -> dict:
     background = spec.background_label_id if spec.background_in_masks else None
     foreground = [i for i in range(len(spec.class_names)) if i != background]
     painted = None if background is None else (background, args.background_threshold)
-    train = eval_dataloader(spec.dataset[args.train_split], encoder, args.batch_size, args.train_samples)
+    rows = baseline_rows(spec.dataset[args.train_split], args.max_train_samples, args.train_samples, args.seed)
+    train = eval_dataloader(rows, encoder, args.batch_size)
     trained = {}
     if args.checkpoint:
         with open(os.path.join(args.checkpoint, "eval_results.json")) as handle:
@@ -74,7 +78,7 @@ def main(argv=None) -> dict:
         prefix = "test_" if split == "test" else ""
         ours = trained.get(f"{prefix}pseudo_mask_mean_iou")
         print(
-            f"[{split}, {args.image_size} px, {args.train_samples} training images, {seconds:.0f} s for all splits]"
+            f"[{split}, {args.image_size} px, {len(rows)} training images, {seconds:.0f} s for all splits]"
             f" label-only {figures['label_only_mean_iou']:.4f} | frozen CAM {figures['frozen_cam_mean_iou']:.4f} "
             f"(mAP {figures['frozen_cam_mAP']:.4f}) | fully supervised linear probe "
             f"{figures.get('linear_probe_mean_iou', float('nan')):.4f}"

@@ -13,7 +13,7 @@ import run_segmentation
 from modeling_clsmask import ClsMaskImageProcessor
 from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments, optional_fraction
-from modeling_clsmask.training.data import ExampleEncoder, load_data
+from modeling_clsmask.training.data import ExampleEncoder, baseline_rows, load_data
 
 
 def test_optional_values_have_one_spelling():
@@ -91,3 +91,13 @@ def test_mask_label_offset_for_voc_layout_masks(tmp_path):
          "--max_train_steps", "1", "--num_visualizations", "0", "--output_dir", str(tmp_path / "seg")]
     )  # fmt: skip
     assert set(results["segmentation_per_class_iou"]) == {"background", "cat", "dog"}
+
+
+def test_baseline_rows_are_drawn_from_the_models_own_training_rows():
+    data = datasets.Dataset.from_dict({"row": list(range(100))})
+    drawn = baseline_rows(data, 40, 10, seed=0)["row"]
+    # At most `count`, in order, all among the first `max_train_samples` (the model's rows), and not simply the first.
+    assert len(drawn) == 10 and drawn == sorted(drawn) and max(drawn) < 40 and drawn != list(range(10))
+    assert baseline_rows(data, 40, 10, seed=0)["row"] == drawn and baseline_rows(data, 40, 10, seed=1)["row"] != drawn
+    assert baseline_rows(data, 40, 2000, seed=0)["row"] == list(range(40))
+    assert baseline_rows(data, None, None, seed=0)["row"] == list(range(100))

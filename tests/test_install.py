@@ -30,35 +30,9 @@ def test_non_editable_install_runs_both_scripts_and_writes_cards(tmp_path):
             shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(REPO / name, source / name)
-    wheels = tmp_path / "wheels"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(wheels),
-            str(source),
-        ]
-    )
-    site = tmp_path / "site"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(site),
-            *map(str, wheels.glob("*.whl")),
-        ]
-    )
+    site = tmp_path / "site"  # pip builds the wheel and installs it (not editable) in one process
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "--target", str(site)]
+    run([*pip, str(source)])
     assert sorted(p.name for p in (site / "modeling_clsmask/training/model_cards").glob("*.md")) == [
         "pretrain.md",
         "segmentation.md",
@@ -67,24 +41,35 @@ def test_non_editable_install_runs_both_scripts_and_writes_cards(tmp_path):
     work = tmp_path / "work"  # neither the checkout nor the copy: only the installed files are importable from here
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    # One interpreter (each costs seconds of imports): where the package comes from; the voc recipe's image size as
-    # the installed script reads it (the recipes are installed with the package: --recipe works outside the checkout;
-    # `--help` alone exits before any recipe is read); then `python -m run_pretrain --help`.
-    where_recipe_help = (
-        "import runpy, sys, modeling_clsmask, run_pretrain; print(modeling_clsmask.__file__); "
-        "parser = run_pretrain.build_parser(); run_pretrain.apply_recipe(parser, ['--recipe', 'voc']); "
-        "print(parser.get_default('image_size')); "
-        "sys.argv = ['run_pretrain', '--help']; runpy.run_module('run_pretrain', run_name='__main__')"
-    )
-    where, image_size, help_text = run([sys.executable, "-c", where_recipe_help], cwd=work, env=env).split("\n", 2)
+    # One interpreter for everything (each fresh one costs seconds of imports): where the package comes from; the voc
+    # recipe's image size as the installed script reads it (the recipes are installed with the package: --recipe
+    # works outside the checkout; `--help` alone exits before any recipe is read); `python -m run_pretrain --help`;
+    # then both scripts as `python -m` runs them, stage 2 on stage 1's folder.
+    short = [*BUILTIN, "--max_train_steps", "1", "--num_visualizations", "0"]
+    seg = ["--model_name_or_path", "stage1", "--max_train_samples", "16", "--output_dir", "seg"]
+    script = f"""
+import runpy, sys, modeling_clsmask, run_pretrain
+print(modeling_clsmask.__file__)
+parser = run_pretrain.build_parser()
+run_pretrain.apply_recipe(parser, ["--recipe", "voc"])
+print(parser.get_default("image_size"))
+def main(module, *argv):
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exit:
+        if exit.code not in (None, 0):
+            raise
+main("run_pretrain", "--help")
+print("END OF HELP")
+main("run_pretrain", *{[*TINY, *short, "--output_dir", "stage1"]!r})
+main("run_segmentation", *{[*short, *seg]!r})
+"""
+    where, image_size, rest = run([sys.executable, "-c", script], cwd=work, env=env).split("\n", 2)
     assert where.strip().startswith(str(site)), where
     assert (site / "modeling_clsmask/training/recipes/voc.json").exists()
     assert image_size == "448", image_size
-    assert "--init_from" in help_text
-    short = [*BUILTIN, "--max_train_steps", "1", "--num_visualizations", "0"]
-    run([sys.executable, "-m", "run_pretrain", *TINY, *short, "--output_dir", "stage1"], cwd=work, env=env)
-    seg = ["--model_name_or_path", "stage1", "--max_train_samples", "16", "--output_dir", "seg"]
-    run([sys.executable, "-m", "run_segmentation", *short, *seg], cwd=work, env=env)
+    assert "--init_from" in rest.split("END OF HELP")[0]
     for stage, folder in (("pretrain", "stage1"), ("segmentation", "seg")):
         card = (work / folder / "README.md").read_text()
         assert "clsmask" in card and "| learning_rate |" in card, (stage, card[:500])
