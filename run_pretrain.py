@@ -47,12 +47,11 @@ from modeling_clsmask.training.baselines import frozen_baselines
 from modeling_clsmask.training.data import (
     ExampleEncoder,
     augment_batch,
-    baseline_rows,
     cached_features_dataloader,
     collate,
     eval_dataloader,
-    first_rows,
     load_data,
+    sample_training_rows,
     train_dataloader,
     validate_splits,
     write_dataset_card,
@@ -681,7 +680,7 @@ def backbone_baselines(args, spec, encoder, config, processor, has_test: bool, b
     backbone's features under bf16 autocast (as the run's own precision)."""
     foreground = foreground_ids(processor, len(spec.class_names))
     train_split = spec.dataset[args.train_split]
-    rows = baseline_rows(train_split, args.max_train_samples, args.baseline_train_samples, args.seed)
+    rows = sample_training_rows(train_split, args.max_train_samples, args.baseline_train_samples, args.seed)
     logger.info(f"Baselines of the frozen backbone ({len(rows)} of the model's training images, drawn at random) ...")
     train = eval_dataloader(rows, encoder, args.per_device_eval_batch_size)
     splits = {"": args.validation_split, **({"test_": args.test_split} if has_test else {})}
@@ -774,8 +773,10 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(f"Class-token start 'auto': {class_token_init} (the classes {which}).")
     if class_token_init == "class_mean":
         if model.clsmask.pre_layernorm is None:
-            rows = first_rows(spec.dataset[args.train_split], args.max_train_samples)
-            init_loader = eval_dataloader(rows, encoder, args.per_device_eval_batch_size, CLASS_TOKEN_INIT_SAMPLES)
+            rows = sample_training_rows(
+                spec.dataset[args.train_split], args.max_train_samples, CLASS_TOKEN_INIT_SAMPLES, args.seed
+            )
+            init_loader = eval_dataloader(rows, encoder, args.per_device_eval_batch_size)
             init_class_tokens_from_data(model, init_loader)
             block = model.clsmask.first_class_token_layer()
             logger.info(f"Class tokens start as their class's mean [REG] state at block {block} "

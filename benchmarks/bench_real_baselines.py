@@ -24,7 +24,7 @@ from modeling_clsmask import ClsMaskImageProcessor  # noqa: E402
 from modeling_clsmask.backbones import normalisation  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments  # noqa: E402
 from modeling_clsmask.training.baselines import frozen_baselines  # noqa: E402
-from modeling_clsmask.training.data import ExampleEncoder, baseline_rows, eval_dataloader, load_data  # noqa: E402
+from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data, sample_training_rows  # noqa: E402
 from modeling_clsmask.training.loop import SLOW_BF16_RATIO, cpu_bf16_slowdown  # noqa: E402
 from modeling_clsmask.training.presets import PRESETS  # noqa: E402
 
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     background = spec.background_label_id if spec.background_in_masks else None
     foreground = [i for i in range(len(spec.class_names)) if i != background]
     painted = None if background is None else (background, args.background_threshold)
-    rows = baseline_rows(spec.dataset[args.train_split], args.max_train_samples, args.train_samples, args.seed)
+    rows = sample_training_rows(spec.dataset[args.train_split], args.max_train_samples, args.train_samples, args.seed)
     train = eval_dataloader(rows, encoder, args.batch_size)
     trained = {}
     if args.checkpoint:

@@ -13,7 +13,7 @@ import run_segmentation
 from modeling_clsmask import ClsMaskImageProcessor
 from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments, optional_fraction
-from modeling_clsmask.training.data import ExampleEncoder, baseline_rows, load_data
+from modeling_clsmask.training.data import ExampleEncoder, load_data, sample_training_rows
 
 
 def test_optional_values_have_one_spelling():
@@ -93,11 +93,14 @@ def test_mask_label_offset_for_voc_layout_masks(tmp_path):
     assert set(results["segmentation_per_class_iou"]) == {"background", "cat", "dog"}
 
 
-def test_baseline_rows_are_drawn_from_the_models_own_training_rows():
+def test_sampled_training_rows_are_drawn_from_the_models_own_training_rows():
     data = datasets.Dataset.from_dict({"row": list(range(100))})
-    drawn = baseline_rows(data, 40, 10, seed=0)["row"]
+
+    def drawn(max_train_samples, count, seed=0):
+        return sample_training_rows(data, max_train_samples, count, seed)["row"]
+
     # At most `count`, in order, all among the first `max_train_samples` (the model's rows), and not simply the first.
-    assert len(drawn) == 10 and drawn == sorted(drawn) and max(drawn) < 40 and drawn != list(range(10))
-    assert baseline_rows(data, 40, 10, seed=0)["row"] == drawn and baseline_rows(data, 40, 10, seed=1)["row"] != drawn
-    assert baseline_rows(data, 40, 2000, seed=0)["row"] == list(range(40))
-    assert baseline_rows(data, None, None, seed=0)["row"] == list(range(100))
+    sample = drawn(40, 10)
+    assert len(sample) == 10 and sample == sorted(sample) and max(sample) < 40 and sample != list(range(10))
+    assert drawn(40, 10) == sample and drawn(40, 10, seed=1) != sample
+    assert drawn(40, 2000) == list(range(40)) and drawn(None, None) == list(range(100))

@@ -519,11 +519,12 @@ def first_rows(data, count: int | None):
     return data if not count else data.select(range(min(count, len(data))))
 
 
-def baseline_rows(data, max_train_samples: int | None, count: int | None, seed: int):
-    """The training rows the frozen-backbone baselines fit their heads on: at most `count`, drawn at random (seeded,
-    kept in order) from the rows the model trains on (the first `max_train_samples`). The model's own rows keep the
-    comparison on the same data; drawn rather than the first, since a dataset stored by sequence or class would give
-    the baselines a narrower slice (the first 2000 of CamVid tiles' 4395 training tiles hold 2 of its 3 sequences)."""
+def sample_training_rows(data, max_train_samples: int | None, count: int | None, seed: int):
+    """At most `count` of the rows the model trains on (the first `max_train_samples`), drawn at random (seeded, kept
+    in order), for what is fit on a sample of them: the frozen-backbone baselines' heads (same data as the model) and
+    the class-mean start of the class tokens. Drawn rather than the first, since a dataset stored by sequence or
+    class (an imagefolder is sorted by class folder; CamVid tiles by sequence) would give its first rows' narrow slice.
+    """
     rows = first_rows(data, max_train_samples)
     if not count or count >= len(rows):
         return rows
