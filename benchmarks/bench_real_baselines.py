@@ -25,7 +25,7 @@ from modeling_clsmask.backbones import normalisation  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments  # noqa: E402
 from modeling_clsmask.training.baselines import frozen_baselines  # noqa: E402
 from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data, sample_training_rows  # noqa: E402
-from modeling_clsmask.training.loop import SLOW_BF16_RATIO, cpu_bf16_slowdown  # noqa: E402
+from modeling_clsmask.training.loop import cpu_bf16_is_native  # noqa: E402
 from modeling_clsmask.training.presets import PRESETS  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
             trained = json.load(handle)
     start = time.perf_counter()
     loaders = {split: eval_dataloader(spec.dataset[split], encoder, args.batch_size) for split in args.splits}
-    bf16 = cpu_bf16_slowdown() <= SLOW_BF16_RATIO  # bf16 features only where this CPU runs bf16 natively
+    bf16 = cpu_bf16_is_native()  # bf16 features only where this CPU runs bf16 natively
     results = frozen_baselines(
         args.init_from, args.image_size, train, loaders, len(spec.class_names), foreground, painted, bf16
     )

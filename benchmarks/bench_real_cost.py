@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from transformers import Dinov2Config, Dinov2Model  # noqa: E402
 
 from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor  # noqa: E402
-from modeling_clsmask.training.loop import SLOW_BF16_RATIO, cpu_bf16_slowdown  # noqa: E402
+from modeling_clsmask.training.loop import cpu_bf16_is_native, cpu_bf16_slowdown  # noqa: E402
 from modeling_clsmask.training.presets import PRESETS  # noqa: E402
 
 
@@ -43,9 +43,8 @@ def main(argv=None) -> dict:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    slowdown = cpu_bf16_slowdown()
-    bf16 = args.allow_slow_bf16 or slowdown <= SLOW_BF16_RATIO
-    precision = "bf16 autocast" if bf16 else f"fp32 (bf16 autocast is {slowdown:.1f}x slower on this CPU)"
+    bf16 = args.allow_slow_bf16 or cpu_bf16_is_native()
+    precision = "bf16 autocast" if bf16 else f"fp32 (bf16 autocast is {cpu_bf16_slowdown():.1f}x slower on this CPU)"
     preset = PRESETS["pretrained"]
     with tempfile.TemporaryDirectory() as folder:
         Dinov2Model(

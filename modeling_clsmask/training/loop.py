@@ -51,6 +51,11 @@ def cpu_bf16_slowdown() -> float:
     return best(True) / best(False)
 
 
+def cpu_bf16_is_native() -> bool:
+    """Whether bf16 autocast on this CPU is no more than `SLOW_BF16_RATIO` times slower than fp32 (measured once)."""
+    return cpu_bf16_slowdown() <= SLOW_BF16_RATIO
+
+
 def make_accelerator(
     gradient_accumulation_steps: int = 1,
     mixed_precision: str | None = None,
@@ -72,11 +77,11 @@ def make_accelerator(
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     accelerator = new_accelerator(kwargs)
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not allow_slow_bf16:
-        ratio = cpu_bf16_slowdown()
-        if ratio > SLOW_BF16_RATIO:
+        if not cpu_bf16_is_native():
             logger.warning(
-                f"bf16 autocast runs {ratio:.1f}x slower than fp32 on this CPU (emulated: no native bf16 "
-                "instructions), so this run uses fp32 instead of --mixed_precision bf16; --allow_slow_bf16 keeps bf16."
+                f"bf16 autocast runs {cpu_bf16_slowdown():.1f}x slower than fp32 on this CPU (emulated: no native "
+                "bf16 instructions), so this run uses fp32 instead of --mixed_precision bf16; --allow_slow_bf16 keeps "
+                "bf16."
             )
             accelerator = new_accelerator({**kwargs, "mixed_precision": "no"})
     return accelerator
