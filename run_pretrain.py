@@ -674,15 +674,20 @@ def cached_train_loader(args, model, train_loader, accelerator):
     return cached_features_dataloader(features, args.per_device_train_batch_size, args.seed)
 
 
+def sampled_training_loader(args, spec, encoder: ExampleEncoder, count: int):
+    """Batches, in order, of at most `count` of the model's training rows drawn at random (`sample_training_rows`)."""
+    rows = sample_training_rows(spec.dataset[args.train_split], args.max_train_samples, count, args.seed)
+    return eval_dataloader(rows, encoder, args.per_device_eval_batch_size)
+
+
 def backbone_baselines(args, spec, encoder, config, processor, has_test: bool, bf16: bool) -> dict:
     """What the frozen `--init_from` backbone gives without the method, on the same splits and metric (label-only,
     CAM of a linear head, fully supervised linear probe): `baseline_*` and `test_baseline_*` entries; `bf16`: the
     backbone's features under bf16 autocast (as the run's own precision)."""
     foreground = foreground_ids(processor, len(spec.class_names))
-    train_split = spec.dataset[args.train_split]
-    rows = sample_training_rows(train_split, args.max_train_samples, args.baseline_train_samples, args.seed)
-    logger.info(f"Baselines of the frozen backbone ({len(rows)} of the model's training images, drawn at random) ...")
-    train = eval_dataloader(rows, encoder, args.per_device_eval_batch_size)
+    train = sampled_training_loader(args, spec, encoder, args.baseline_train_samples)
+    logger.info(f"Baselines of the frozen backbone ({len(train.dataset)} of the model's training images, drawn at "
+                "random) ...")  # fmt: skip
     splits = {"": args.validation_split, **({"test_": args.test_split} if has_test else {})}
     loaders = {
         prefix: eval_dataloader(
@@ -773,10 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(f"Class-token start 'auto': {class_token_init} (the classes {which}).")
     if class_token_init == "class_mean":
         if model.clsmask.pre_layernorm is None:
-            rows = sample_training_rows(
-                spec.dataset[args.train_split], args.max_train_samples, CLASS_TOKEN_INIT_SAMPLES, args.seed
-            )
-            init_loader = eval_dataloader(rows, encoder, args.per_device_eval_batch_size)
+            init_loader = sampled_training_loader(args, spec, encoder, CLASS_TOKEN_INIT_SAMPLES)
             init_class_tokens_from_data(model, init_loader)
             block = model.clsmask.first_class_token_layer()
             logger.info(f"Class tokens start as their class's mean [REG] state at block {block} "
