@@ -691,7 +691,11 @@ def backbone_baselines(args, spec, encoder, config, processor, has_test: bool, b
     splits = {"": args.validation_split, **({"test_": args.test_split} if has_test else {})}
     loaders = {
         prefix: eval_dataloader(
-            spec.dataset[split], encoder, args.per_device_eval_batch_size, None if prefix else args.max_eval_samples
+            spec.dataset[split],
+            encoder,
+            args.per_device_eval_batch_size,
+            None if prefix else args.max_eval_samples,
+            args.seed,
         )
         for prefix, split in splits.items()
     }
@@ -770,7 +774,7 @@ def main(argv: list[str] | None = None) -> dict:
         spec.dataset[args.train_split], encoder, args.per_device_train_batch_size, args.seed, args.max_train_samples
     )
     eval_loader = eval_dataloader(
-        spec.dataset[args.validation_split], encoder, args.per_device_eval_batch_size, args.max_eval_samples
+        spec.dataset[args.validation_split], encoder, args.per_device_eval_batch_size, args.max_eval_samples, args.seed
     )
 
     class_token_init = resolve_class_token_init(args, spec.background_label_id is not None)

@@ -67,8 +67,8 @@ from modeling_clsmask.training.data import (
     ExampleEncoder,
     augment_batch,
     eval_dataloader,
-    first_rows,
     load_data,
+    subsample_rows,
     train_dataloader,
     validate_splits,
 )
@@ -219,9 +219,8 @@ def generate_pseudo_masks(
     config = model.config
     size = (processor.size.height, processor.size.width)
     encoder = ExampleEncoder(spec, processor, keep_sizes=True)
-    data = first_rows(
-        spec.dataset[split], args.max_train_samples if split == args.train_split else args.max_eval_samples
-    )
+    count = args.max_train_samples if split == args.train_split else args.max_eval_samples
+    data = subsample_rows(spec.dataset[split], count, args.seed)
     source = args.pseudo_label_source
     overrides = {"scales": args.scales, "flip": args.flip, "refinement_iterations": args.refinement_iterations}
     loader = eval_dataloader(data, encoder, args.pseudo_batch_size)
@@ -451,6 +450,7 @@ def train_segmenter(
         ExampleEncoder(eval_spec, pixels),
         args.per_device_eval_batch_size,
         args.max_eval_samples,
+        args.seed,
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -587,11 +587,11 @@ def main(argv: list[str] | None = None) -> dict:
         **report,
         "weak_train_images": len(pseudo[args.train_split]),
     }
-    # 3. Optionally the same recipe on the real masks of the same images (the first max_train_samples), so that the
-    # weak/full ratio compares like with like.
+    # 3. Optionally the same recipe on the real masks of the same images (the rows drawn for max_train_samples), so
+    # that the weak/full ratio compares like with like.
     if args.fully_supervised_baseline:
         full_data = datasets.DatasetDict(dict(spec.dataset))
-        full_data[args.train_split] = first_rows(full_data[args.train_split], results["weak_train_images"])
+        full_data[args.train_split] = subsample_rows(full_data[args.train_split], args.max_train_samples, args.seed)
         full_spec = dataclasses.replace(spec, dataset=full_data, labels_column=None, labels_format="mask")
         _, _, full, _ = train_segmenter(args, accelerator, full_spec, spec, image_size, num_channels, "full")
         results.update(

@@ -25,7 +25,7 @@ from diagnose_maps import parse_args  # noqa: E402
 
 from modeling_clsmask import ClsMaskForMultiLabelClassification, ClsMaskImageProcessor  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments  # noqa: E402
-from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, first_rows, load_data  # noqa: E402
+from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data, subsample_rows  # noqa: E402
 from modeling_clsmask.training.metrics import confusion_matrices, iou_from_confusion  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     processor = ClsMaskImageProcessor.from_pretrained(args.checkpoint)
     config = model.config
     spec = load_data(DataArguments.from_namespace(args))
-    data = first_rows(spec.dataset[args.split], args.max_samples)
+    data = subsample_rows(spec.dataset[args.split], args.max_samples, seed=0)
     encoder = ExampleEncoder(spec, processor)
     variants = {
         "fp32": (model, False),

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor  # noqa: E402
 from modeling_clsmask.modeling_clsmask import ClsMaskSemanticSegmenterOutput  # noqa: E402
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments  # noqa: E402
-from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, first_rows, load_data  # noqa: E402
+from modeling_clsmask.training.data import ExampleEncoder, eval_dataloader, load_data, subsample_rows  # noqa: E402
 from modeling_clsmask.training.metrics import (  # noqa: E402
     class_assignment_counts,
     class_assignment_summary,
@@ -109,7 +109,7 @@ def checkpoint_and_masked_split(args, purpose: str):
         raise ValueError(f"{spec.source} has no masks: {purpose}.")
     if args.split not in spec.dataset:
         raise ValueError(f"Split {args.split!r} not found; the dataset has {list(spec.dataset)}.")
-    data = first_rows(spec.dataset[args.split], args.max_samples)
+    data = subsample_rows(spec.dataset[args.split], args.max_samples, seed=0)
     return model, processor, spec, eval_dataloader(data, ExampleEncoder(spec, processor), args.batch_size)
 
 

@@ -13,7 +13,7 @@ import run_segmentation
 from modeling_clsmask import ClsMaskImageProcessor
 from modeling_clsmask.pseudo_masks import AUTO, resolve_threshold
 from modeling_clsmask.training.arguments import DataArguments, add_data_arguments, optional_fraction
-from modeling_clsmask.training.data import ExampleEncoder, load_data, sample_training_rows
+from modeling_clsmask.training.data import ExampleEncoder, load_data, sample_training_rows, subsample_rows
 
 
 def test_optional_values_have_one_spelling():
@@ -95,12 +95,19 @@ def test_mask_label_offset_for_voc_layout_masks(tmp_path):
 
 def test_sampled_training_rows_are_drawn_from_the_models_own_training_rows():
     data = datasets.Dataset.from_dict({"row": list(range(100))})
+    # --max_train_samples draws the model's rows at random (seeded), in stored order, not the first N: a dataset
+    # stored by sequence or class would give its first rows' narrow slice.
+    model_rows = subsample_rows(data, 40, seed=0)["row"]
+    assert len(model_rows) == 40 and model_rows == sorted(model_rows) and model_rows != list(range(40))
+    assert subsample_rows(data, 40, seed=0)["row"] == model_rows != subsample_rows(data, 40, seed=1)["row"]
+    assert subsample_rows(data, None, seed=0)["row"] == subsample_rows(data, 200, seed=0)["row"] == list(range(100))
 
     def drawn(max_train_samples, count, seed=0):
         return sample_training_rows(data, max_train_samples, count, seed)["row"]
 
-    # At most `count`, in order, all among the first `max_train_samples` (the model's rows), and not simply the first.
+    # At most `count`, in order, all among the model's rows, and not simply their first.
     sample = drawn(40, 10)
-    assert len(sample) == 10 and sample == sorted(sample) and max(sample) < 40 and sample != list(range(10))
+    assert len(sample) == 10 and sample == sorted(sample) and set(sample) <= set(model_rows)
+    assert sample != model_rows[:10]
     assert drawn(40, 10) == sample and drawn(40, 10, seed=1) != sample
-    assert drawn(40, 2000) == list(range(40)) and drawn(None, None) == list(range(100))
+    assert drawn(40, 2000) == model_rows and drawn(None, None) == list(range(100))

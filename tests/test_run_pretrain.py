@@ -557,6 +557,50 @@ def test_cached_features_train_the_weights_the_full_backbone_trains(tmp_path, ca
     assert "learn" in run_pretrain.feature_cache_blocker(args, run_pretrain.build_model(args, ["a", "b"]))
 
 
+def test_backbone_baselines_fit_on_the_models_rows_and_are_reported_beside_its_figures(tmp_path, monkeypatch, capsys):
+    # With --init_from and masks the run fits the frozen-backbone heads on --baseline_train_samples rows drawn from the
+    # rows the model trains on (--max_train_samples of them), and reports them for validation and test.
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=28,
+                             patch_size=14)).save_pretrained(tmp_path / "dino")  # fmt: skip
+    draws, fits = [], []
+    real_draw, real_fit = run_pretrain.sample_training_rows, run_pretrain.frozen_baselines
+
+    def draw(data, max_train_samples, count, seed):
+        draws.append((len(data), max_train_samples, count, seed))
+        return real_draw(data, max_train_samples, count, seed)
+
+    def fit(path, image_size, train, loaders, *args, **kwargs):
+        fits.append((path, image_size, len(train.dataset), sorted(loaders)))
+        return real_fit(path, image_size, train, loaders, *args, **kwargs)
+
+    monkeypatch.setattr(run_pretrain, "sample_training_rows", draw)
+    monkeypatch.setattr(run_pretrain, "frozen_baselines", fit)
+    common = [*BUILTIN, "--init_from", str(tmp_path / "dino"), "--image_size", "28", "--max_train_steps", "1",
+              "--num_visualizations", "0", "--mixed_precision", "no", "--seed", "3"]  # fmt: skip
+    metrics = run_pretrain.main([*common, "--max_train_samples", "24", "--baseline_train_samples", "12",
+                                 "--output_dir", str(tmp_path / "a")])  # fmt: skip
+    # The class-mean start (a background class) draws too; the baselines' draw is the one asking for 12.
+    assert (48, 24, 12, 3) in draws
+    assert fits == [(str(tmp_path / "dino"), 28, 12, ["", "test_"])]
+    for prefix in ("", "test_"):
+        for key in ("frozen_cam_mean_iou", "frozen_cam_tuned_mean_iou", "label_only_mean_iou", "linear_probe_mean_iou",
+                    "frozen_cam_mAP"):  # fmt: skip
+            assert 0.0 <= metrics[f"{prefix}baseline_{key}"] <= 1.0, (prefix, key)
+    printed = capsys.readouterr().out
+    assert "this model - CAM" in printed and "[test]" in printed
+    # Never more rows than the model itself trains on.
+    fits.clear()
+    run_pretrain.main([*common, "--max_train_samples", "8", "--baseline_train_samples", "12",
+                       "--output_dir", str(tmp_path / "b")])  # fmt: skip
+    assert fits[0][2] == 8
+    # 0 skips them.
+    fits.clear()
+    metrics = run_pretrain.main([*common, "--baseline_train_samples", "0", "--output_dir", str(tmp_path / "c")])
+    assert not fits and not any(key.startswith(("baseline_frozen", "test_baseline_frozen")) for key in metrics)
+
+
 def test_class_mean_init_starts_each_class_at_its_images_mean_cls_state(tmp_path, caplog):
     # 'class_mean': class c enters the first block with class tokens as the mean [REG] ([CLS]) state there over the
     # training images holding c; a class no image holds gets all images' mean.

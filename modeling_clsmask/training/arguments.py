@@ -83,8 +83,8 @@ class DataArguments:
     )
     train_split: str = _option("train", help="Split to train on.")
     validation_split: str = _option("validation", help="Split evaluated during training (needs masks for mIoU).")
-    max_train_samples: int | None = _option(type=int, help="Use only the first N training examples.")
-    max_eval_samples: int | None = _option(type=int, help="Use only the first N validation examples.")
+    max_train_samples: int | None = _option(type=int, help="Train on N examples drawn at random (seeded by --seed).")
+    max_eval_samples: int | None = _option(type=int, help="Evaluate on N examples drawn at random (seeded by --seed).")
     train_size: int = _option(DEFAULT_SPLITS["train"], type=int, help="Built-in dataset: training images.")
     validation_size: int = _option(
         DEFAULT_SPLITS["validation"], type=int, help="Built-in dataset: validation and test images (each)."

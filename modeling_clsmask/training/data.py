@@ -514,29 +514,30 @@ class ExampleEncoder:
         return out
 
 
-def first_rows(data, count: int | None):
-    """The first `count` rows of a split (all of them when `count` is None)."""
-    return data if not count else data.select(range(min(count, len(data))))
+def subsample_rows(data, count: int | None, seed: int):
+    """At most `count` rows drawn at random (seeded), kept in their stored order; all rows when `count` is None, 0 or
+    not smaller than the split. Drawn rather than the first (transformers' examples shuffle before `select` too),
+    since a dataset stored by sequence or class (CamVid tiles by sequence, an imagefolder by class folder) would give
+    its first rows' narrow slice. The draw depends only on the split's length, `count` and `seed`, so every caller
+    with those gets the same rows (the model's training rows, the baselines' rows, stage 2's full-label rows)."""
+    if not count or count >= len(data):
+        return data
+    drawn = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
+    return data.select(drawn.sort().values.tolist())
 
 
 def sample_training_rows(data, max_train_samples: int | None, count: int | None, seed: int):
-    """At most `count` of the rows the model trains on (the first `max_train_samples`), drawn at random (seeded, kept
-    in order), for what is fit on a sample of them: the frozen-backbone baselines' heads (same data as the model) and
-    the class-mean start of the class tokens. Drawn rather than the first, since a dataset stored by sequence or
-    class (an imagefolder is sorted by class folder; CamVid tiles by sequence) would give its first rows' narrow slice.
-    """
-    rows = first_rows(data, max_train_samples)
-    if not count or count >= len(rows):
-        return rows
-    drawn = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:count]
-    return rows.select(drawn.sort().values.tolist())
+    """At most `count` of the rows the model trains on (`subsample_rows` of `max_train_samples`), drawn at random, for
+    what is fit on a sample of them: the frozen-backbone baselines' heads (same data as the model) and the class-mean
+    start of the class tokens."""
+    return subsample_rows(subsample_rows(data, max_train_samples, seed), count, seed)
 
 
 def train_dataloader(data, encoder: ExampleEncoder, batch_size: int, seed: int, max_samples: int | None = None):
     """Shuffled training batches. The loader's own generator keeps iterator creation from drawing on the global RNG,
     which augmentation and token masking use: a resumed run (RNG restored by load_state) replays the same numbers."""
     return torch.utils.data.DataLoader(
-        first_rows(data, max_samples).with_transform(encoder),
+        subsample_rows(data, max_samples, seed).with_transform(encoder),
         shuffle=True,
         collate_fn=collate,
         batch_size=batch_size,
@@ -566,10 +567,12 @@ def cached_features_dataloader(features: dict[str, torch.Tensor], batch_size: in
     )
 
 
-def eval_dataloader(data, encoder: ExampleEncoder, batch_size: int, max_samples: int | None = None):
-    """Evaluation batches, in order."""
+def eval_dataloader(
+    data, encoder: ExampleEncoder, batch_size: int, max_samples: int | None = None, seed: int = 0
+):
+    """Evaluation batches, in order (of at most `max_samples` rows: `subsample_rows`)."""
     return torch.utils.data.DataLoader(
-        first_rows(data, max_samples).with_transform(encoder), collate_fn=collate, batch_size=batch_size
+        subsample_rows(data, max_samples, seed).with_transform(encoder), collate_fn=collate, batch_size=batch_size
     )
 
 
