@@ -52,6 +52,7 @@ from modeling_clsmask.training.data import (
     eval_dataloader,
     load_data,
     sample_training_rows,
+    subsample_splits,
     train_dataloader,
     validate_splits,
     write_dataset_card,
@@ -675,8 +676,9 @@ def cached_train_loader(args, model, train_loader, accelerator):
 
 
 def sampled_training_loader(args, spec, encoder: ExampleEncoder, count: int):
-    """Batches, in order, of at most `count` of the model's training rows drawn at random (`sample_training_rows`)."""
-    rows = sample_training_rows(spec.dataset[args.train_split], args.max_train_samples, count, args.seed)
+    """Batches, in order, of at most `count` of the model's training rows (`spec`'s, already cut to
+    --max_train_samples by `subsample_splits`) drawn at random."""
+    rows = sample_training_rows(spec.dataset[args.train_split], None, count, args.seed)
     return eval_dataloader(rows, encoder, args.per_device_eval_batch_size)
 
 
@@ -690,13 +692,7 @@ def backbone_baselines(args, spec, encoder, config, processor, has_test: bool, b
                 "random) ...")  # fmt: skip
     splits = {"": args.validation_split, **({"test_": args.test_split} if has_test else {})}
     loaders = {
-        prefix: eval_dataloader(
-            spec.dataset[split],
-            encoder,
-            args.per_device_eval_batch_size,
-            None if prefix else args.max_eval_samples,
-            args.seed,
-        )
+        prefix: eval_dataloader(spec.dataset[split], encoder, args.per_device_eval_batch_size)
         for prefix, split in splits.items()
     }
     background = None
@@ -751,6 +747,9 @@ def main(argv: list[str] | None = None) -> dict:
         spec = load_data(DataArguments.from_namespace(args))
     has_test = args.test_split in spec.dataset and args.test_split != args.validation_split
     validate_splits(spec, [args.train_split, args.validation_split] + ([args.test_split] if has_test else []))
+    spec = subsample_splits(
+        spec, {args.train_split: args.max_train_samples, args.validation_split: args.max_eval_samples}, args.seed
+    )
     logger.info(describe_preset(args.preset, args.preset_applied))
     if spec.background_label_id is not None and not spec.background_in_masks:
         background = spec.class_names[spec.background_label_id]
@@ -771,11 +770,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     encoder = ExampleEncoder(spec, processor)
     train_loader = train_dataloader(
-        spec.dataset[args.train_split], encoder, args.per_device_train_batch_size, args.seed, args.max_train_samples
+        spec.dataset[args.train_split], encoder, args.per_device_train_batch_size, args.seed
     )
-    eval_loader = eval_dataloader(
-        spec.dataset[args.validation_split], encoder, args.per_device_eval_batch_size, args.max_eval_samples, args.seed
-    )
+    eval_loader = eval_dataloader(spec.dataset[args.validation_split], encoder, args.per_device_eval_batch_size)
 
     class_token_init = resolve_class_token_init(args, spec.background_label_id is not None)
     if args.class_token_init == AUTO:

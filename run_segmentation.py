@@ -68,7 +68,7 @@ from modeling_clsmask.training.data import (
     augment_batch,
     eval_dataloader,
     load_data,
-    subsample_rows,
+    subsample_splits,
     train_dataloader,
     validate_splits,
 )
@@ -219,8 +219,7 @@ def generate_pseudo_masks(
     config = model.config
     size = (processor.size.height, processor.size.width)
     encoder = ExampleEncoder(spec, processor, keep_sizes=True)
-    count = args.max_train_samples if split == args.train_split else args.max_eval_samples
-    data = subsample_rows(spec.dataset[split], count, args.seed)
+    data = spec.dataset[split]  # cut to --max_train_samples / --max_eval_samples by `subsample_splits`
     source = args.pseudo_label_source
     overrides = {"scales": args.scales, "flip": args.flip, "refinement_iterations": args.refinement_iterations}
     loader = eval_dataloader(data, encoder, args.pseudo_batch_size)
@@ -449,8 +448,6 @@ def train_segmenter(
         eval_spec.dataset[args.validation_split],
         ExampleEncoder(eval_spec, pixels),
         args.per_device_eval_batch_size,
-        args.max_eval_samples,
-        args.seed,
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -563,6 +560,9 @@ def main(argv: list[str] | None = None) -> dict:
             "Stage 2 evaluates against real masks: the dataset needs a mask column in its validation split."
         )
     validate_splits(spec, [args.train_split, args.validation_split])
+    spec = subsample_splits(
+        spec, {args.train_split: args.max_train_samples, args.validation_split: args.max_eval_samples}, args.seed
+    )
 
     # 1. Pseudo-masks for the training and validation splits.
     pseudo, report = make_pseudo_masks(args, accelerator, stage1, spec)
@@ -587,15 +587,13 @@ def main(argv: list[str] | None = None) -> dict:
         **report,
         "weak_train_images": len(pseudo[args.train_split]),
     }
-    # 3. Optionally the same recipe on the real masks of the same images (the rows drawn for max_train_samples), so
-    # that the weak/full ratio compares like with like.
+    # 3. Optionally the same recipe on the real masks of the same images (`spec` holds the rows drawn for
+    # --max_train_samples), so that the weak/full ratio compares like with like.
     if args.fully_supervised_baseline:
-        full_data = datasets.DatasetDict(dict(spec.dataset))
-        full_data[args.train_split] = subsample_rows(full_data[args.train_split], args.max_train_samples, args.seed)
-        full_spec = dataclasses.replace(spec, dataset=full_data, labels_column=None, labels_format="mask")
+        full_spec = dataclasses.replace(spec, labels_column=None, labels_format="mask")
         _, _, full, _ = train_segmenter(args, accelerator, full_spec, spec, image_size, num_channels, "full")
         results.update(
-            full_train_images=len(full_data[args.train_split]),
+            full_train_images=len(full_spec.dataset[args.train_split]),
             fully_supervised_mean_iou=full["mean_iou"],
             fully_supervised_per_class_iou=full["per_class_iou"],
             weak_to_full_ratio=metrics["mean_iou"] / max(full["mean_iou"], 1e-12),

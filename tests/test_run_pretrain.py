@@ -581,8 +581,9 @@ def test_backbone_baselines_fit_on_the_models_rows_and_are_reported_beside_its_f
               "--num_visualizations", "0", "--mixed_precision", "no", "--seed", "3"]  # fmt: skip
     metrics = run_pretrain.main([*common, "--max_train_samples", "24", "--baseline_train_samples", "12",
                                  "--output_dir", str(tmp_path / "a")])  # fmt: skip
-    # The class-mean start (a background class) draws too; the baselines' draw is the one asking for 12.
-    assert (48, 24, 12, 3) in draws
+    # Both draw from the model's 24 rows (cut once after loading): the class-mean start (a background class) and the
+    # baselines, which ask for 12.
+    assert (24, None, 12, 3) in draws and all(rows == 24 for rows, *_ in draws)
     assert fits == [(str(tmp_path / "dino"), 28, 12, ["", "test_"])]
     for prefix in ("", "test_"):
         for key in ("frozen_cam_mean_iou", "frozen_cam_tuned_mean_iou", "label_only_mean_iou", "linear_probe_mean_iou",
@@ -590,6 +591,11 @@ def test_backbone_baselines_fit_on_the_models_rows_and_are_reported_beside_its_f
             assert 0.0 <= metrics[f"{prefix}baseline_{key}"] <= 1.0, (prefix, key)
     printed = capsys.readouterr().out
     assert "this model - CAM" in printed and "[test]" in printed
+    # The cards say which rows the model saw.
+    with open(tmp_path / "a" / "training_data.json") as handle:
+        described = json.load(handle)
+    assert described["splits"]["train"] == 24 and described["drawn_at_random_from"] == {"train": 48}
+    assert "train: 24 drawn at random from 48" in (tmp_path / "a" / "README.md").read_text()
     # Never more rows than the model itself trains on.
     fits.clear()
     run_pretrain.main([*common, "--max_train_samples", "8", "--baseline_train_samples", "12",

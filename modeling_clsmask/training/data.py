@@ -11,7 +11,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -51,6 +51,8 @@ class DataSpec:
     label_offset: int = 0
     # Class ids found in at least one mask (filled when the masks are checked; None when not known).
     mask_classes: set[int] | None = None
+    # {split: rows before the draw} for the splits cut by `subsample_splits` (--max_train_samples, --max_eval_samples).
+    drawn_from: dict[str, int] = field(default_factory=dict)
 
     @property
     def background_in_masks(self) -> bool:
@@ -526,6 +528,20 @@ def subsample_rows(data, count: int | None, seed: int):
     return data.select(drawn.sort().values.tolist())
 
 
+def subsample_splits(spec: DataSpec, counts: dict[str, int | None], seed: int) -> DataSpec:
+    """`spec` with each split named in `counts` cut to `subsample_rows` of it, once after loading (as transformers'
+    examples cut `dataset["train"]`), so that the loaders, the baselines, stage 2's full-label baseline and the cards
+    all see the rows actually used. `drawn_from` records the sizes before the cut."""
+    import datasets
+
+    dataset, drawn_from = dict(spec.dataset), dict(spec.drawn_from)
+    for split, count in counts.items():
+        if split in dataset and count and count < len(dataset[split]):
+            drawn_from[split] = len(dataset[split])
+            dataset[split] = subsample_rows(dataset[split], count, seed)
+    return replace(spec, dataset=datasets.DatasetDict(dataset), drawn_from=drawn_from)
+
+
 def sample_training_rows(data, max_train_samples: int | None, count: int | None, seed: int):
     """At most `count` of the rows the model trains on (`subsample_rows` of `max_train_samples`), drawn at random, for
     what is fit on a sample of them: the frozen-backbone baselines' heads (same data as the model) and the class-mean
@@ -533,11 +549,11 @@ def sample_training_rows(data, max_train_samples: int | None, count: int | None,
     return subsample_rows(subsample_rows(data, max_train_samples, seed), count, seed)
 
 
-def train_dataloader(data, encoder: ExampleEncoder, batch_size: int, seed: int, max_samples: int | None = None):
+def train_dataloader(data, encoder: ExampleEncoder, batch_size: int, seed: int):
     """Shuffled training batches. The loader's own generator keeps iterator creation from drawing on the global RNG,
     which augmentation and token masking use: a resumed run (RNG restored by load_state) replays the same numbers."""
     return torch.utils.data.DataLoader(
-        subsample_rows(data, max_samples, seed).with_transform(encoder),
+        data.with_transform(encoder),
         shuffle=True,
         collate_fn=collate,
         batch_size=batch_size,
@@ -567,13 +583,9 @@ def cached_features_dataloader(features: dict[str, torch.Tensor], batch_size: in
     )
 
 
-def eval_dataloader(
-    data, encoder: ExampleEncoder, batch_size: int, max_samples: int | None = None, seed: int = 0
-):
-    """Evaluation batches, in order (of at most `max_samples` rows: `subsample_rows`)."""
-    return torch.utils.data.DataLoader(
-        subsample_rows(data, max_samples, seed).with_transform(encoder), collate_fn=collate, batch_size=batch_size
-    )
+def eval_dataloader(data, encoder: ExampleEncoder, batch_size: int):
+    """Evaluation batches, in order."""
+    return torch.utils.data.DataLoader(data.with_transform(encoder), collate_fn=collate, batch_size=batch_size)
 
 
 def collate(examples: list[dict]) -> dict:
@@ -627,6 +639,7 @@ def write_dataset_card(path: str, spec: DataSpec) -> None:
         "source": spec.source,
         "class_names": spec.class_names,
         "splits": {name: len(split) for name, split in spec.dataset.items()},
+        "drawn_at_random_from": spec.drawn_from,
         "skipped_undecodable": spec.skipped,
         "has_masks": spec.has_masks,
     }
