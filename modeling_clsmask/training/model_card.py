@@ -124,7 +124,7 @@ def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, s
     if stage != "pretrain":
         rows.append(("architecture", type(config).__name__.replace("Config", "")))
     results = [(k, f"{v:.4f}") for k, v in metrics.items() if isinstance(v, float) and "per_class" not in k]
-    drawn = getattr(spec, "drawn_from", {})
+    drawn = spec.drawn_from
     splits = ", ".join(
         f"{name}: {len(split)}" + (f" drawn at random from {drawn[name]}" if name in drawn else "")
         for name, split in spec.dataset.items()
