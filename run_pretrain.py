@@ -31,6 +31,7 @@ from modeling_clsmask import (
     ClsMaskForMultiLabelClassification,
     ClsMaskImageProcessor,
 )
+from modeling_clsmask.backbones import backbone_depth
 from modeling_clsmask.configuration_clsmask import CLASS_MAP_SOURCES
 from modeling_clsmask.pseudo_masks import AUTO, MASK_ASSEMBLIES, resolve_threshold
 from modeling_clsmask.training.arguments import (
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--class_token_layers", type=int, help="Class tokens join only the last N blocks; 0 = all blocks (preset)."
+    )
+    model.add_argument(
+        "--image_branch_layers",
+        type=int,
+        help="The image logits come from a fine-tuned copy of the last N blocks (an image-classification branch); "
+        "the maps keep the blocks as they are. 0 = no branch (preset).",
     )
     model.add_argument(
         "--class_token_init",
@@ -347,7 +354,7 @@ CONFIG_FROM_ARGS = (
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
     "attention_map_refinement_sigma", "attention_map_refinement_dilations", "attention_map_affinity_power",
     "use_patch_classifier", "class_map_source", "patch_classifier_loss_weight", "patch_classifier_top_fraction",
-    "cam_probability",
+    "cam_probability", "image_branch_layers",
 )  # fmt: skip
 ARCHITECTURE_FROM_ARGS = (
     "patch_embedding_type", "conv_stem_depth", "image_size", "patch_size", "num_channels", "hidden_size",
@@ -397,13 +404,17 @@ def build_model(
     architecture = {name: getattr(args, name) for name in ARCHITECTURE_FROM_ARGS if getattr(args, name) is not None}
     if args.init_from:
         architecture.pop("weight_init", None)  # pretrained weights overwrite every initialised tensor that matters
-        model = load_pretrained(
-            lambda path: ClsMaskForMultiLabelClassification.from_pretrained_backbone(
+
+        def from_backbone(path: str) -> ClsMaskForMultiLabelClassification:
+            if "image_branch_layers" in getattr(args, "preset_applied", {}):
+                # The preset's branch on a backbone of few blocks: every block but the first, at most.
+                depth = args.num_hidden_layers or backbone_depth(path)
+                fields["image_branch_layers"] = min(args.image_branch_layers, depth - 1)
+            return ClsMaskForMultiLabelClassification.from_pretrained_backbone(
                 path, id2label=id2label, **architecture, **fields
-            ),
-            args.init_from,
-            "--init_from",
-        )
+            )
+
+        model = load_pretrained(from_backbone, args.init_from, "--init_from")
     else:
         config = ClsMaskConfig(
             id2label=id2label, label2id={v: k for k, v in id2label.items()}, **architecture, **fields
@@ -443,9 +454,9 @@ def feature_cache_blocker(args, model: ClsMaskForMultiLabelClassification) -> st
     """Why the training images' `class_block_inputs` may change between steps (None: they cannot, so they can be
     computed once per image and flip)."""
     base, config = model.clsmask, model.config
-    first = base.first_class_token_layer()
+    first = base.block_inputs_layer()
     if first == 0:
-        return "the class tokens join at block 0"
+        return "the image branch copies every block" if base.image_branch_layer() == 0 else "class tokens in block 0"
     embeddings = base.embeddings
     below = [embeddings.patch_embeddings, *base.layers[:first], base.pre_layernorm]
     parameters = [p for module in below if module is not None for p in module.parameters()]
@@ -664,7 +675,7 @@ def cached_train_loader(args, model, train_loader, accelerator):
     if blocker is not None:
         logger.info(f"Features not cached ({blocker}): the whole backbone runs every step.")
         return None
-    first = model.clsmask.first_class_token_layer()
+    first = model.clsmask.block_inputs_layer()
     # train_loader's own encoded rows, in their stored order (the cache is indexed like the dataset).
     rows_loader = torch.utils.data.DataLoader(
         train_loader.dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate

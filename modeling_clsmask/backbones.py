@@ -265,6 +265,14 @@ def read_backbone(pretrained_model_name_or_path: str) -> BackboneWeights:
     return weights
 
 
+def backbone_depth(pretrained_model_name_or_path: str) -> int:
+    """The number of blocks of a checkpoint's vision encoder, from its config alone."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+    return getattr(config, "vision_config", config).num_hidden_layers
+
+
 def adapt_input_channels(weight: torch.Tensor, num_channels: int) -> torch.Tensor:
     """Patch filters for `num_channels` bands from the source's (RGB) ones: band k takes source filter k mod 3,
     divided by how many bands share it, so an input whose bands are all equal (a grey image) gives the source's
@@ -287,4 +295,6 @@ def resize_positions(positions: torch.Tensor, source_grid: tuple[int, int], grid
     return image.to(positions.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
 
 
-__all__ = ["FAMILY_EXAMPLES", "SUPPORTED_FAMILIES", "BackboneWeights", "read_backbone", "resize_positions"]
+__all__ = [
+    "FAMILY_EXAMPLES", "SUPPORTED_FAMILIES", "BackboneWeights", "backbone_depth", "read_backbone", "resize_positions",
+]  # fmt: skip

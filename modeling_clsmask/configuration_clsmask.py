@@ -125,6 +125,12 @@ class ClsMaskConfig(PreTrainedConfig):
             and those it is sure of near one, so present classes compete on evidence. False (default): the logit.
         gate_log_alpha_init (`float`): initial Hard Concrete `log_alpha`: 3 starts every gate open and nearly
             deterministic, 0 (the public code) starts them stochastic so pruning shows in short runs.
+        image_branch_layers (`int`): a second copy of the last `image_branch_layers` blocks and the final norm (with
+            a pretrained backbone, started from the same weights) that forks off before them, learns for the image
+            labels alone and gives the image logits: a linear head on its last [REG] token (the source's [CLS]) and
+            its mean patch token, as DINOv2's linear evaluation reads them. The class tokens, the patch classifier and
+            the maps keep the unchanged blocks: fine-tuned blocks classify better and localise worse. 0 (default):
+            no branch, the image logits are the class tokens' (and patch classifier's) readout.
     """
 
     model_type = "clsmask"
@@ -175,6 +181,7 @@ class ClsMaskConfig(PreTrainedConfig):
     patch_classifier_top_fraction: float = 1.0
     class_map_source: str = "attention"
     cam_probability: bool = False
+    image_branch_layers: int = 0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, (list, tuple)):
@@ -254,6 +261,16 @@ class ClsMaskConfig(PreTrainedConfig):
             self.attention_map_refinement_sigma,
         )
         self.attention_map_refinement_dilations = [int(d) for d in self.attention_map_refinement_dilations]
+        if not 0 <= self.image_branch_layers <= self.num_hidden_layers:
+            raise ValueError(
+                f"image_branch_layers must lie in [0, num_hidden_layers={self.num_hidden_layers}], "
+                f"got {self.image_branch_layers}."
+            )
+        if self.image_branch_layers and self.num_register_tokens < 1:
+            raise ValueError(
+                "image_branch_layers reads the last [REG] token (a pretrained backbone's [CLS]): set "
+                "num_register_tokens >= 1, or image_branch_layers=0."
+            )
         if not self.gate_limit_low < 0.0 < 1.0 < self.gate_limit_high:
             raise ValueError("Hard Concrete stretch limits must satisfy gate_limit_low < 0 < 1 < gate_limit_high.")
 

@@ -53,33 +53,39 @@ class ClsMaskModelOutput(ModelOutput):
     last_hidden_state: (B, C + N + R, D) after the final layer norm; class tokens first, registers last.
     class_attentions: per layer that was asked for, (B, heads, C, C + N + R): the attention rows of the class tokens.
     hidden_states / attentions: as in transformers (attentions are full (B, heads, T, T) rows, computed explicitly).
+    image_branch_inputs: (B, N + R, D) the patch and register states where the image branch forks off (with
+        `config.image_branch_layers`).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     class_attentions: tuple[torch.FloatTensor, ...] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_branch_inputs: torch.FloatTensor | None = None
 
 
 @dataclass
 class ClsMaskClassifierOutput(ModelOutput):
     """
-    loss: BCE (+ L0 gate penalty, + the patch classifier's weighted BCE) when `labels` is given.
-    logits: (B, C) image class logits (sigmoid for probabilities): the class tokens' readout, averaged with the patch
-        classifier's image logits when it is on (two heads on one backbone; the average ranks classes better than
-        either alone).
+    loss: BCE (+ L0 gate penalty, + the patch classifier's weighted BCE, + the image branch's BCE) when `labels` is
+        given.
+    logits: (B, C) image class logits (sigmoid for probabilities): the image branch's when there is one
+        (`config.image_branch_layers`), else the class tokens' readout, averaged with the patch classifier's image
+        logits when it is on (two heads on one backbone; the average ranks classes better than either alone).
     class_maps: (B, C, h, w) one pass's class maps (`config.class_map_source`; by default the class-to-patch
         attention aggregated over heads and the chosen layers), when asked for.
     class_attentions: the attention rows of the class tokens, per layer asked for.
     l0_loss: the gate penalty before weighting (expected number of open gates), when gates are used.
     patch_logits: (B, C) the patch classifier's image logits (pooled from its patch logits), when it is on.
     class_token_logits: (B, C) the class tokens' readout alone (equal to `logits` without the patch classifier).
+    image_branch_logits: (B, C) the image branch's logits (equal to `logits`), when there is one.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     patch_logits: torch.FloatTensor | None = None
     class_token_logits: torch.FloatTensor | None = None
+    image_branch_logits: torch.FloatTensor | None = None
     class_maps: torch.FloatTensor | None = None
     class_attentions: tuple[torch.FloatTensor, ...] | None = None
     l0_loss: torch.FloatTensor | None = None
@@ -283,7 +289,7 @@ class ClsMaskSelfAttention(nn.Module):
     for, as C x T instead of T x T.
     """
 
-    def __init__(self, config: ClsMaskConfig):
+    def __init__(self, config: ClsMaskConfig, gated: bool = True):
         super().__init__()
         self.config = config
         self.num_attention_heads = config.num_attention_heads
@@ -296,7 +302,7 @@ class ClsMaskSelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
         self.o_proj = nn.Linear(inner, config.hidden_size)
-        self.head_gate = ClsMaskHeadGate(config) if config.use_head_gates else None
+        self.head_gate = ClsMaskHeadGate(config) if gated and config.use_head_gates else None
 
     def forward(
         self,
@@ -371,11 +377,12 @@ class ClsMaskMLP(nn.Module):
 
 
 class ClsMaskLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block, with the module names of transformers' `ViTLayer`."""
+    """Pre-norm transformer block, with the module names of transformers' `ViTLayer`. `gated`: its heads get Hard
+    Concrete gates when `config.use_head_gates` (the image branch's blocks have none)."""
 
-    def __init__(self, config: ClsMaskConfig):
+    def __init__(self, config: ClsMaskConfig, gated: bool = True):
         super().__init__()
-        self.attention = ClsMaskSelfAttention(config)
+        self.attention = ClsMaskSelfAttention(config, gated)
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = ClsMaskMLP(config)
@@ -441,6 +448,38 @@ class ClsMaskPatchClassifier(nn.Module):
         if keep >= num_patches:
             return patch_logits.mean(1)
         return patch_logits.topk(keep, dim=1).values.mean(1)
+
+
+class ClsMaskImageBranch(nn.Module):
+    """The image logits from a fine-tuned copy of the last `image_branch_layers` blocks: a linear head on the last
+    [REG] token (a pretrained backbone's [CLS]) and the mean patch token after its own final norm.
+
+    Why a copy: blocks fine-tuned on image labels rank classes better than any head on the frozen ones, but their class
+    attention and patch features make worse maps; the branch learns for classification alone and the maps keep the
+    blocks as they were."""
+
+    def __init__(self, config: ClsMaskConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([ClsMaskLayer(config, gated=False) for _ in range(config.image_branch_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.classifier = nn.Linear(2 * config.hidden_size, config.num_labels)
+
+    @torch.no_grad()
+    def start_from(self, base: "ClsMaskModel") -> None:
+        """Copy the base model's last blocks and final norm (a pretrained backbone's) into the branch."""
+        for branch_layer, layer in zip(self.layers, base.layers[-len(self.layers) :]):
+            state = {key: value for key, value in layer.state_dict().items() if "head_gate" not in key}
+            branch_layer.load_state_dict(state)
+        self.layernorm.load_state_dict(base.layernorm.state_dict())
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """(B, N + R, D) patch and register states where the branch forks off -> (B, C) image logits."""
+        for layer in self.layers:
+            states = layer(states, False, False)[0]
+        states = self.layernorm(states)
+        patches = states[:, : states.shape[1] - self.config.num_register_tokens]
+        return self.classifier(torch.cat([states[:, -1], patches.mean(1)], dim=-1))
 
 
 class ClsMaskMapRefinement(nn.Module):
@@ -672,6 +711,8 @@ class ClsMaskPreTrainedModel(PreTrainedModel):
         if weights.pre_layernorm is not None:
             base.pre_layernorm.load_state_dict(weights.pre_layernorm)
         base.layernorm.load_state_dict(weights.final_norm)
+        if getattr(self, "image_branch", None) is not None:
+            self.image_branch.start_from(base)
         readout = getattr(self, "classifier", None)
         if isinstance(readout, ClsMaskClassTokenReadout):
             # Every class token starts as the same [CLS]; a zero readout first learns what separates present from
@@ -779,22 +820,41 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         joined = self.config.class_token_layers or self.config.num_hidden_layers
         return self.config.num_hidden_layers - joined
 
+    def image_branch_layer(self) -> int | None:
+        """Index of the block the image branch forks off before (None without a branch)."""
+        if not self.config.image_branch_layers:
+            return None
+        return self.config.num_hidden_layers - self.config.image_branch_layers
+
+    def block_inputs_layer(self) -> int:
+        """Index of the first block whose input depends on more than the image: where the class tokens join or the
+        image branch forks off, whichever is earlier. `class_block_inputs` are the states entering it."""
+        first = self.first_class_token_layer()
+        fork = self.image_branch_layer()
+        return first if fork is None else min(first, fork)
+
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C + N + R, D) the tokens as they enter block 0: embedded, then the pre-encoder norm if there is one."""
         hidden_states = self.embeddings(pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype))
         return hidden_states if self.pre_layernorm is None else self.pre_layernorm(hidden_states)
 
     @torch.no_grad()
-    def class_block_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, N + R, D): the patch and register states at the input of the first block the class tokens join.
-
-        Class tokens do not exist before that block, so with the blocks below it frozen these states are a fixed
-        function of the image: training can compute them once and pass them as `forward(block_inputs=...)`."""
-        first = self.first_class_token_layer()
+    def states_before(self, pixel_values: torch.Tensor, index: int) -> torch.Tensor:
+        """(B, N + R, D): the patch and register states entering block `index`, at or before the class tokens'
+        first block (they do not exist before it)."""
         hidden_states = self.embed(pixel_values)[:, self.config.num_labels :]
-        for layer in self.layers[:first]:
+        for layer in self.layers[:index]:
             hidden_states = layer(hidden_states, False, False)[0]
         return hidden_states
+
+    def class_block_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, N + R, D): the patch and register states entering `block_inputs_layer()` (the first block the class
+        tokens join, or the image branch's fork if earlier).
+
+        Neither class tokens nor the branch take part before that block, so with the blocks below it frozen these
+        states are a fixed function of the image: training can compute them once and pass them as
+        `forward(block_inputs=...)`."""
+        return self.states_before(pixel_values, self.block_inputs_layer())
 
     @torch.no_grad()
     def class_block_register_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -804,7 +864,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         tokens start reading (what `init_class_tokens` starts them from)."""
         if self.config.num_register_tokens < 1:
             raise ValueError("The model has no register token, so there is no [CLS] state to start class tokens from.")
-        return self.class_block_inputs(pixel_values)[:, -self.config.num_register_tokens :]
+        return self.states_before(pixel_values, self.first_class_token_layer())[:, -self.config.num_register_tokens :]
 
     def class_token_embeddings(self, batch: int) -> torch.Tensor:
         """(B, C, D) the class tokens as they enter the encoder (position added; the pre-encoder norm where the
@@ -902,7 +962,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         if block_inputs is not None:
             if output_attentions or output_hidden_states:
                 raise ValueError("block_inputs skip the blocks below the class tokens: no attentions or hidden states")
-            start = self.first_class_token_layer()
+            start = self.block_inputs_layer()
             class_tokens = self.class_token_embeddings(block_inputs.shape[0]).to(block_inputs.dtype)
             hidden_states = torch.cat([class_tokens, block_inputs], dim=1)
             num_patches = block_inputs.shape[1] - self.config.num_register_tokens
@@ -937,9 +997,12 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         last = len(self.layers) - 1
         num_classes = self.config.num_labels
         first_class_layer = self.first_class_token_layer()
+        fork, branch_inputs = self.image_branch_layer(), None
         for index, layer in enumerate(self.layers):
             if index < start:
                 continue  # computed before: block_inputs
+            if index == fork:
+                branch_inputs = hidden_states[:, num_classes:]
             if index < first_class_layer:
                 # Class tokens have not joined yet: the block runs on patches and registers only.
                 rest, _, layer_attentions = layer(hidden_states[:, num_classes:], False, bool(output_attentions))
@@ -966,6 +1029,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
             class_attentions=class_attentions,
             hidden_states=all_hidden,
             attentions=all_attentions,
+            image_branch_inputs=branch_inputs,
         )
         return output
 
@@ -979,6 +1043,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         self.clsmask = ClsMaskModel(config)
         self.map_refinement = ClsMaskMapRefinement(config)
         self.patch_classifier = ClsMaskPatchClassifier(config) if config.use_patch_classifier else None
+        self.image_branch = ClsMaskImageBranch(config) if config.image_branch_layers else None
         if config.classifier_type == "shared":
             self.classifier = ClsMaskClassTokenReadout(config)
         else:
@@ -1064,7 +1129,10 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         return segmenter_output(self, logits, maps, image_labels)
 
     def pass_logits(self, outputs: ClsMaskModelOutput) -> torch.Tensor:
-        """(B, C) image logits of one pass: the class-token readout, averaged with the patch classifier's when on."""
+        """(B, C) image logits of one pass: the image branch's, else the class-token readout averaged with the patch
+        classifier's when on."""
+        if self.image_branch is not None:
+            return self.image_branch(outputs.image_branch_inputs)
         logits, _, _ = self.classify(outputs.last_hidden_state[:, : self.config.num_labels], None)
         if self.patch_classifier is not None:
             logits = self.image_logits(logits, self.patch_image_logits(outputs))
@@ -1216,15 +1284,22 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
             if labels is not None:
                 patch_loss = nn.functional.binary_cross_entropy_with_logits(patch_logits.float(), labels.float())
                 loss = loss + self.config.patch_classifier_loss_weight * patch_loss
+        logits = self.image_logits(class_token_logits, patch_logits)
+        branch_logits = None
+        if self.image_branch is not None:
+            logits = branch_logits = self.image_branch(outputs.image_branch_inputs)
+            if labels is not None:
+                loss = loss + nn.functional.binary_cross_entropy_with_logits(branch_logits.float(), labels.float())
         class_maps = self.raw_class_maps(pixel_values, outputs, attention_map_layers) if output_class_maps else None
         if diversity:
             present = self.check_labels(labels, class_maps.shape[0])
             loss = loss + self.config.diversity_loss_coefficient * diversity_loss(class_maps, present)
         output = ClsMaskClassifierOutput(
             loss=loss,
-            logits=self.image_logits(class_token_logits, patch_logits),
+            logits=logits,
             patch_logits=patch_logits,
             class_token_logits=class_token_logits,
+            image_branch_logits=branch_logits,
             class_maps=class_maps,
             class_attentions=outputs.class_attentions,
             l0_loss=l0,

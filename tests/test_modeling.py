@@ -787,3 +787,67 @@ def test_patch_classifier_config_checks_and_round_trip(tmp_path):
     loaded = ClsMaskForMultiLabelClassification.from_pretrained(tmp_path)
     torch.testing.assert_close(loaded.patch_classifier.dense.weight, model.patch_classifier.dense.weight)
     assert ClsMaskForMultiLabelClassification(tiny_config()).patch_classifier is None
+
+
+def test_image_branch_gives_the_logits_and_leaves_the_maps_to_the_blocks_as_they_are():
+    # A copy of the last blocks forks off before them and reads [REG] and the mean patch: its logits are the image
+    # logits and its BCE joins the loss; the class tokens, patch classifier and maps stay on the unchanged blocks.
+    fields = dict(class_token_layers=1, num_hidden_layers=3, use_patch_classifier=True, hide_class_tokens=True,
+                  class_map_source="attention_cam_mean", attention_map_flip=True, token_mask_rate=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = ClsMaskForMultiLabelClassification(tiny_config(image_branch_layers=2, **fields)).eval()
+    plain = ClsMaskForMultiLabelClassification(tiny_config(**fields)).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(key.startswith("image_branch.") for key in unexpected)
+    assert model.clsmask.image_branch_layer() == 1 and model.clsmask.block_inputs_layer() == 1
+    assert not any(layer.attention.head_gate for layer in model.image_branch.layers)
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1, 0, 0], [0, 1, 1]])
+    out, reference = model(pixels, labels=labels, output_class_maps=True), plain(pixels, labels=labels)
+    # The branch by hand: blocks 1-2 of its own from the states entering block 1, its norm, [REG] + mean patch.
+    states = model.clsmask.states_before(pixels, 1)
+    for layer in model.image_branch.layers:
+        states = layer(states)[0]
+    states = model.image_branch.layernorm(states)
+    expected = model.image_branch.classifier(torch.cat([states[:, -1], states[:, :-1].mean(1)], -1))
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.image_branch_logits, out.logits)
+    torch.testing.assert_close(out.class_token_logits, reference.class_token_logits)
+    torch.testing.assert_close(out.class_maps, plain(pixels, output_class_maps=True).class_maps)
+    branch_loss = torch.nn.functional.binary_cross_entropy_with_logits(expected, labels.float())
+    torch.testing.assert_close(out.loss, reference.loss + branch_loss)
+    # Inference: the maps are those of the model without the branch, the image logits the branch's (flip-averaged).
+    maps, reference_maps = model.predict_class_maps(pixels), plain.predict_class_maps(pixels)
+    torch.testing.assert_close(maps.class_maps, reference_maps.class_maps)
+    flipped = model(pixels.flip(-1)).logits
+    torch.testing.assert_close(maps.class_logits, (out.logits + flipped) / 2)
+    # Training from cached states: they start at the fork (before the class tokens' block) and give the same loss.
+    inputs = model.clsmask.class_block_inputs(pixels)
+    torch.testing.assert_close(inputs, model.clsmask.states_before(pixels, 1))
+    torch.testing.assert_close(model(block_inputs=inputs, labels=labels).loss, out.loss)
+    # The class-mean start still reads [REG] where the class tokens join (block 2), not at the fork.
+    register = model.clsmask.class_block_register_states(pixels)
+    torch.testing.assert_close(register, model.clsmask.states_before(pixels, 2)[:, -1:])
+
+
+def test_image_branch_starts_as_the_backbones_last_blocks_and_round_trips(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=28,
+                             patch_size=14)).save_pretrained(tmp_path / "dino")  # fmt: skip
+    model = ClsMaskForMultiLabelClassification.from_pretrained_backbone(
+        str(tmp_path / "dino"), id2label={0: "a", 1: "b"}, class_token_layers=1, image_branch_layers=2,
+        use_head_gates=True,
+    ).eval()  # fmt: skip
+    base = model.clsmask
+    for branch_layer, layer in zip(model.image_branch.layers, base.layers[1:]):
+        for key, value in branch_layer.state_dict().items():
+            torch.testing.assert_close(value, layer.state_dict()[key])
+    torch.testing.assert_close(model.image_branch.layernorm.weight, base.layernorm.weight)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = ClsMaskForMultiLabelClassification.from_pretrained(tmp_path / "saved").eval()
+    pixels = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits)
+    with pytest.raises(ValueError, match="image_branch_layers must lie in"):
+        tiny_config(image_branch_layers=3)
+    with pytest.raises(ValueError, match="num_register_tokens"):
+        tiny_config(image_branch_layers=1, num_register_tokens=0)

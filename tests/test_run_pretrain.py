@@ -537,7 +537,7 @@ def test_cached_features_train_the_weights_the_full_backbone_trains(tmp_path, ca
               "--mixed_precision", "no"]  # fmt: skip
     with caplog.at_level(logging.INFO):
         run_pretrain.main([*common, "--output_dir", str(tmp_path / "cached")])
-        assert "Features cached: the inputs of block 2 for 48 training images" in caplog.text
+        assert "Features cached: the inputs of block 1 for 48 training images" in caplog.text
         caplog.clear()
         run_pretrain.main([*common, "--cache_features", "off", "--output_dir", str(tmp_path / "full")])
         assert "Features cached" not in caplog.text

@@ -95,7 +95,14 @@ def backbone_sentence(config, args: dict) -> str:
     family = getattr(config, "backbone_family", None)
     if not family:
         return "Trained from scratch."
-    return f"Initialised from the pretrained {family} backbone `{args.get('init_from')}`."
+    sentence = f"Initialised from the pretrained {family} backbone `{args.get('init_from')}`."
+    branch = getattr(config, "image_branch_layers", 0)
+    if branch:
+        sentence += (
+            f" Its image class probabilities come from a fine-tuned copy of the backbone's last {branch} blocks; "
+            "the maps from the blocks as they were."
+        )
+    return sentence
 
 
 def write_model_card(output_dir: str, config, metrics: dict, spec, args: dict, stage: str = "pretrain") -> ModelCard:
