@@ -854,7 +854,8 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator, model, optimizer, train_loader, schedule, loss_fn, state=state,
         checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
         checkpoint_root=checkpoint_root, output_dir=args.output_dir,
-        max_grad_norm=args.max_grad_norm, with_tracking=args.with_tracking, name="train", postfix=open_gates,
+        max_grad_norm=args.max_grad_norm, clip_separately=("image_branch",), with_tracking=args.with_tracking,
+        name="train", postfix=open_gates,
         on_epoch_end=on_epoch_end,
     )  # fmt: skip
     metrics = results["metrics"]

@@ -1,7 +1,8 @@
 """Pseudo-mask cost at real sizes: the `pretrained` preset's map processing against one raw pass.
 
 A DINOv2 ViT-S/14-shaped clsmask model (random weights; the cost does not depend on them), 448 x 448 inputs,
-21 classes, batch 4, 2 threads, bf16 autocast where this CPU runs bf16 natively (else fp32, as the scripts decide).
+21 classes, batch 4, 2 threads, bf16 autocast where this CPU runs bf16 natively (else fp32, as the scripts decide),
+the preset's image branch in every pass.
 Variants: one raw pass (class attention of the last block, no processing); the shipped preset (a flipped second
 pass, feature-affinity propagation, argmax assembly); the same plus 10 rounds of the image refinement (off in the
 preset); all with the masks made at 448 px. Prints images/s and each variant's time over the raw pass, measured in
@@ -60,6 +61,7 @@ def main(argv=None) -> dict:
             use_patch_classifier=preset["use_patch_classifier"],
             class_map_source=preset["class_map_source"],
             cam_probability=preset["cam_probability"],
+            image_branch_layers=preset["image_branch_layers"],
         ).eval()
     config = model.config
     pixels = torch.randn(args.batch, 3, args.size, args.size)

@@ -1043,11 +1043,13 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         self.clsmask = ClsMaskModel(config)
         self.map_refinement = ClsMaskMapRefinement(config)
         self.patch_classifier = ClsMaskPatchClassifier(config) if config.use_patch_classifier else None
-        self.image_branch = ClsMaskImageBranch(config) if config.image_branch_layers else None
         if config.classifier_type == "shared":
             self.classifier = ClsMaskClassTokenReadout(config)
         else:
             self.classifier = nn.Linear(config.num_labels * config.hidden_size, config.num_labels)
+        # Built last and on a forked random stream: every other part starts as it would without the branch.
+        with torch.random.fork_rng(devices=[]):
+            self.image_branch = ClsMaskImageBranch(config) if config.image_branch_layers else None
         self.post_init()
 
     def check_labels(self, labels: torch.Tensor, batch: int) -> torch.Tensor:

@@ -847,6 +847,13 @@ def test_image_branch_starts_as_the_backbones_last_blocks_and_round_trips(tmp_pa
     loaded = ClsMaskForMultiLabelClassification.from_pretrained(tmp_path / "saved").eval()
     pixels = torch.randn(1, 3, 28, 28)
     torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits)
+    # Switching the branch on leaves every other part's random start as it was (A/B comparisons stay paired).
+    torch.manual_seed(0)
+    with_branch = ClsMaskForMultiLabelClassification(tiny_config(image_branch_layers=1, use_patch_classifier=True))
+    torch.manual_seed(0)
+    without = ClsMaskForMultiLabelClassification(tiny_config(use_patch_classifier=True))
+    for key, value in without.state_dict().items():
+        assert torch.equal(with_branch.state_dict()[key], value), key
     with pytest.raises(ValueError, match="image_branch_layers must lie in"):
         tiny_config(image_branch_layers=3)
     with pytest.raises(ValueError, match="num_register_tokens"):

@@ -671,3 +671,30 @@ def test_ablation_benchmark_rescore_reproduces_its_runs(tmp_path):
         assert rescored[key]["rescored"]
         for metric in ("test_pseudo_mask_mean_iou", "test_class_assignment_accuracy", "test_mAP"):
             assert rescored[key][metric] == pytest.approx(trained[key][metric], abs=1e-6), (key, metric)
+
+
+def test_the_image_branch_gradients_are_clipped_apart_from_the_rest():
+    # The branch learns for its own loss; clipped with the rest, its large gradients would shrink the class tokens'
+    # and patch classifier's steps (the maps' heads).
+    from accelerate import Accelerator
+    from conftest import tiny_config
+
+    from modeling_clsmask import ClsMaskForMultiLabelClassification
+    from modeling_clsmask.training.loop import clip_groups
+
+    model = ClsMaskForMultiLabelClassification(tiny_config(class_token_layers=1, image_branch_layers=1))
+    model.clsmask.layers[0].requires_grad_(False)
+    rest, branch = clip_groups(model, ("image_branch",))
+    assert {id(p) for p in branch} == {id(p) for p in model.image_branch.parameters()}
+    assert {id(p) for p in rest} == {
+        id(p) for name, p in model.named_parameters() if p.requires_grad and not name.startswith("image_branch.")
+    }
+    assert len(clip_groups(model, ())) == 1
+    for parameter in model.parameters():
+        parameter.grad = torch.full_like(parameter, 1e-4)
+    for parameter in branch:
+        parameter.grad.fill_(10.0)
+    for parameters in clip_groups(model, ("image_branch",)):
+        Accelerator(cpu=True).clip_grad_norm_(parameters, 1.0)
+    assert all(torch.all(p.grad == 1e-4) for p in rest)  # below the norm: untouched by the branch's
+    assert torch.cat([p.grad.flatten() for p in branch]).norm() == pytest.approx(1.0, rel=1e-4)

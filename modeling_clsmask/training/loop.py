@@ -168,6 +168,19 @@ def resume_from(
     return LoopState(completed, completed // steps_per_epoch, resume_step)
 
 
+def clip_groups(model: torch.nn.Module, separate: tuple[str, ...]) -> list[list[torch.nn.Parameter]]:
+    """The trainable parameters in groups for gradient clipping: those of each module named in `separate` (a part
+    trained for its own loss alone, such as the image branch) apart, the rest together, so that one part's large
+    gradients do not shrink the others' steps."""
+    groups: dict[str, list[torch.nn.Parameter]] = {"": [], **{name: [] for name in separate}}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            bare = name.removeprefix("module.")  # a model wrapped by DistributedDataParallel
+            owner = next((module for module in separate if bare.startswith(module + ".")), "")
+            groups[owner].append(parameter)
+    return [parameters for parameters in groups.values() if parameters]
+
+
 def train_loop(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -182,6 +195,7 @@ def train_loop(
     checkpoint_root: str,
     output_dir: str,
     max_grad_norm: float | None = None,
+    clip_separately: tuple[str, ...] = (),
     with_tracking: bool = False,
     name: str = "train",
     postfix: Callable[[], dict] | None = None,
@@ -191,6 +205,7 @@ def train_loop(
 
     `loss_fn(model, batch)` returns the batch's loss (augmentation happens there). `on_epoch_end(epoch, steps,
     is_last, mean_loss)` runs after every epoch, before that epoch's checkpoint; `postfix()` adds to the progress bar.
+    `clip_separately`: modules (by name) whose gradients are clipped to `max_grad_norm` on their own (`clip_groups`).
     """
     state = state or LoopState()
     scheduler = schedule.scheduler
@@ -199,6 +214,7 @@ def train_loop(
         if on_epoch_end is not None:
             on_epoch_end(schedule.num_epochs - 1, completed, True, float("nan"))
         return completed
+    groups = clip_groups(model, clip_separately)
     progress = tqdm(
         range(schedule.max_steps), initial=completed, desc=name, disable=not accelerator.is_local_main_process
     )
@@ -214,7 +230,8 @@ def train_loop(
                 loss = loss_fn(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                    for parameters in groups:
+                        accelerator.clip_grad_norm_(parameters, max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
