@@ -456,7 +456,9 @@ def feature_cache_blocker(args, model: ClsMaskForMultiLabelClassification) -> st
     base, config = model.clsmask, model.config
     first = base.block_inputs_layer()
     if first == 0:
-        return "the image branch copies every block" if base.image_branch_layer() == 0 else "class tokens in block 0"
+        if base.image_branch_layer() == 0:
+            return "the image branch copies every block"
+        return "the class tokens join at block 0"
     embeddings = base.embeddings
     below = [embeddings.patch_embeddings, *base.layers[:first], base.pre_layernorm]
     parameters = [p for module in below if module is not None for p in module.parameters()]

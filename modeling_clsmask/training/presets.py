@@ -86,7 +86,7 @@ PRESETS: dict[str, dict] = {
         # and on the built-in shapes; CamVid tiles have none).
         "auto_background_threshold": 0.5,
         # The image logits from a fine-tuned copy of the last 2 blocks: heads on the frozen features classify images
-        # of unseen scenes worse (4 blocks: a little better, 1.6 times the training time; docs/results.md, session 21).
+        # of unseen scenes worse (4 blocks: a little better, 1.5 times the run; docs/results.md, session 21).
         "image_branch_layers": 2,
         "freeze_layers": -1,
         "learning_rate": 1e-4,
