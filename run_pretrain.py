@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the maps keep the blocks as they are. 0 = no branch (preset).",
     )
     model.add_argument(
+        "--image_branch_logit_weight",
+        type=float,
+        help="With an image branch, the image logits are this weight times the branch's plus the rest times the "
+        "patch classifier's; 1 = the branch's alone (preset).",
+    )
+    model.add_argument(
         "--class_token_init",
         choices=CLASS_TOKEN_INITS,
         help="'embedding': the class tokens start as the model's (with --init_from: copies of the source's [CLS] "
@@ -354,7 +360,7 @@ CONFIG_FROM_ARGS = (
     "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
     "attention_map_refinement_sigma", "attention_map_refinement_dilations", "attention_map_affinity_power",
     "use_patch_classifier", "class_map_source", "patch_classifier_loss_weight", "patch_classifier_top_fraction",
-    "cam_probability", "image_branch_layers",
+    "cam_probability", "image_branch_layers", "image_branch_logit_weight",
 )  # fmt: skip
 ARCHITECTURE_FROM_ARGS = (
     "patch_embedding_type", "conv_stem_depth", "image_size", "patch_size", "num_channels", "hidden_size",
@@ -397,6 +403,8 @@ def build_model(
     fields = {name: getattr(args, name) for name in CONFIG_FROM_ARGS}
     fields["token_mask_rate"] = resolve_token_mask_rate(args, background_label_id is not None)
     fields["class_token_layers"] = args.class_token_layers or None
+    if "image_branch_logit_weight" in getattr(args, "preset_applied", {}) and not args.use_patch_classifier:
+        fields["image_branch_logit_weight"] = 1.0  # the preset's blend needs the patch classifier turned off here
     # Unless given (by the user or the preset): every block the class tokens take part in.
     map_layers = args.attention_map_layers or args.class_token_layers or args.num_hidden_layers
     if map_layers:

@@ -131,6 +131,10 @@ class ClsMaskConfig(PreTrainedConfig):
             its mean patch token, as DINOv2's linear evaluation reads them. The class tokens, the patch classifier and
             the maps keep the unchanged blocks: fine-tuned blocks classify better and localise worse. 0 (default):
             no branch, the image logits are the class tokens' (and patch classifier's) readout.
+        image_branch_logit_weight (`float`): with an image branch, the image logits are this weight times the
+            branch's plus the rest times the patch classifier's image logits: two heads that err differently, one on
+            fine-tuned blocks, one on the unchanged ones (needs `use_patch_classifier` below 1). 1 (default): the
+            branch's alone.
     """
 
     model_type = "clsmask"
@@ -182,6 +186,7 @@ class ClsMaskConfig(PreTrainedConfig):
     class_map_source: str = "attention"
     cam_probability: bool = False
     image_branch_layers: int = 0
+    image_branch_logit_weight: float = 1.0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, (list, tuple)):
@@ -265,6 +270,13 @@ class ClsMaskConfig(PreTrainedConfig):
             raise ValueError(
                 f"image_branch_layers must lie in [0, num_hidden_layers={self.num_hidden_layers}], "
                 f"got {self.image_branch_layers}."
+            )
+        if not 0.0 <= self.image_branch_logit_weight <= 1.0:
+            raise ValueError(f"image_branch_logit_weight must lie in [0, 1], got {self.image_branch_logit_weight}.")
+        if self.image_branch_layers and self.image_branch_logit_weight < 1.0 and not self.use_patch_classifier:
+            raise ValueError(
+                "image_branch_logit_weight below 1 blends the image branch with the patch classifier, which is off: "
+                "set use_patch_classifier=True, or image_branch_logit_weight=1."
             )
         if self.image_branch_layers and self.num_register_tokens < 1:
             raise ValueError(

@@ -69,16 +69,17 @@ class ClsMaskClassifierOutput(ModelOutput):
     """
     loss: BCE (+ L0 gate penalty, + the patch classifier's weighted BCE, + the image branch's BCE) when `labels` is
         given.
-    logits: (B, C) image class logits (sigmoid for probabilities): the image branch's when there is one
-        (`config.image_branch_layers`), else the class tokens' readout, averaged with the patch classifier's image
-        logits when it is on (two heads on one backbone; the average ranks classes better than either alone).
+    logits: (B, C) image class logits (sigmoid for probabilities): the class tokens' readout, averaged with the
+        patch classifier's image logits when it is on (two heads on one backbone; the average ranks classes better
+        than either alone); with an image branch (`config.image_branch_layers`), the branch's, blended with the
+        patch classifier's by `config.image_branch_logit_weight`.
     class_maps: (B, C, h, w) one pass's class maps (`config.class_map_source`; by default the class-to-patch
         attention aggregated over heads and the chosen layers), when asked for.
     class_attentions: the attention rows of the class tokens, per layer asked for.
     l0_loss: the gate penalty before weighting (expected number of open gates), when gates are used.
     patch_logits: (B, C) the patch classifier's image logits (pooled from its patch logits), when it is on.
     class_token_logits: (B, C) the class tokens' readout alone (equal to `logits` without the patch classifier).
-    image_branch_logits: (B, C) the image branch's logits (equal to `logits`), when there is one.
+    image_branch_logits: (B, C) the image branch's logits, when there is one.
     """
 
     loss: torch.FloatTensor | None = None
@@ -1131,14 +1132,21 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         return segmenter_output(self, logits, maps, image_labels)
 
     def pass_logits(self, outputs: ClsMaskModelOutput) -> torch.Tensor:
-        """(B, C) image logits of one pass: the image branch's, else the class-token readout averaged with the patch
-        classifier's when on."""
+        """(B, C) image logits of one pass: the image branch's (blended with the patch classifier's, `with_branch`),
+        else the class-token readout averaged with the patch classifier's when on."""
+        patch_logits = self.patch_image_logits(outputs) if self.patch_classifier is not None else None
         if self.image_branch is not None:
-            return self.image_branch(outputs.image_branch_inputs)
+            return self.with_branch(self.image_branch(outputs.image_branch_inputs), patch_logits)
         logits, _, _ = self.classify(outputs.last_hidden_state[:, : self.config.num_labels], None)
-        if self.patch_classifier is not None:
-            logits = self.image_logits(logits, self.patch_image_logits(outputs))
-        return logits
+        return self.image_logits(logits, patch_logits)
+
+    def with_branch(self, branch_logits: torch.Tensor, patch_logits: torch.Tensor | None) -> torch.Tensor:
+        """The image logits with a branch: `config.image_branch_logit_weight` of the branch's, the rest of the patch
+        classifier's (the config refuses a weight below 1 without it)."""
+        weight = self.config.image_branch_logit_weight
+        if weight >= 1.0:
+            return branch_logits
+        return weight * branch_logits + (1.0 - weight) * patch_logits
 
     def augmented_class_maps(
         self,
@@ -1289,7 +1297,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         logits = self.image_logits(class_token_logits, patch_logits)
         branch_logits = None
         if self.image_branch is not None:
-            logits = branch_logits = self.image_branch(outputs.image_branch_inputs)
+            branch_logits = self.image_branch(outputs.image_branch_inputs)
+            logits = self.with_branch(branch_logits, patch_logits)
             if labels is not None:
                 loss = loss + nn.functional.binary_cross_entropy_with_logits(branch_logits.float(), labels.float())
         class_maps = self.raw_class_maps(pixel_values, outputs, attention_map_layers) if output_class_maps else None

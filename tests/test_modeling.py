@@ -858,3 +858,26 @@ def test_image_branch_starts_as_the_backbones_last_blocks_and_round_trips(tmp_pa
         tiny_config(image_branch_layers=3)
     with pytest.raises(ValueError, match="num_register_tokens"):
         tiny_config(image_branch_layers=1, num_register_tokens=0)
+
+
+def test_image_branch_logit_weight_blends_the_branch_with_the_patch_classifier():
+    # The image logits: weight x the branch's + the rest x the patch classifier's (on the unchanged blocks), in
+    # forward and in the flip-averaged inference logits alike.
+    fields = dict(class_token_layers=1, use_patch_classifier=True, attention_map_flip=True, token_mask_rate=0.0)
+    torch.manual_seed(0)
+    model = ClsMaskForMultiLabelClassification(tiny_config(image_branch_layers=1, **fields)).eval()
+    plain = ClsMaskForMultiLabelClassification(tiny_config(**fields)).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1, 0, 0], [0, 1, 1]])
+    alone = model(pixels, labels=labels)
+    model.config.image_branch_logit_weight = 0.25
+    out, reference = model(pixels, labels=labels), plain(pixels)
+    torch.testing.assert_close(out.image_branch_logits, alone.logits)
+    torch.testing.assert_close(out.logits, 0.25 * alone.logits + 0.75 * reference.patch_logits)
+    torch.testing.assert_close(out.loss, alone.loss)  # each head keeps its own BCE
+    flipped = model(pixels.flip(-1)).logits
+    torch.testing.assert_close(model.predict_class_maps(pixels).class_logits, (out.logits + flipped) / 2)
+    with pytest.raises(ValueError, match="image_branch_logit_weight must lie in"):
+        tiny_config(image_branch_logit_weight=1.5)
+    with pytest.raises(ValueError, match="set use_patch_classifier=True, or image_branch_logit_weight=1"):
+        tiny_config(image_branch_layers=1, image_branch_logit_weight=0.5)

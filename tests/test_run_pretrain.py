@@ -498,6 +498,11 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     assert config.patch_classifier_top_fraction == preset["patch_classifier_top_fraction"] < 1
     assert config.cam_probability is preset["cam_probability"] is True
     assert config.attention_map_affinity_power == preset["attention_map_affinity_power"] > 0
+    # The preset's image logits blend the branch with the patch classifier; without the latter, the branch's alone.
+    assert config.image_branch_logit_weight == preset["image_branch_logit_weight"] < 1
+    args.use_patch_classifier, args.class_map_source = False, "attention"
+    assert run_pretrain.build_model(args, ["background", "a"]).config.image_branch_logit_weight == 1.0
+    args.use_patch_classifier, args.class_map_source = True, preset["class_map_source"]
     settings = run_pretrain.mask_settings(args, 0)
     assert settings["background_threshold"] == preset["auto_background_threshold"] != run_pretrain.RAW_BACKGROUND
     assert settings["mask_assembly"] == preset["mask_assembly"]

@@ -98,9 +98,11 @@ def backbone_sentence(config, args: dict) -> str:
     sentence = f"Initialised from the pretrained {family} backbone `{args.get('init_from')}`."
     branch = getattr(config, "image_branch_layers", 0)
     if branch:
+        weight = getattr(config, "image_branch_logit_weight", 1.0)
+        blend = f" (weight {weight:g}, the rest a linear classifier's on the unchanged blocks)" if weight < 1 else ""
         sentence += (
-            f" Its image class probabilities come from a fine-tuned copy of the backbone's last {branch} blocks; "
-            "the maps from the blocks as they were."
+            f" Its image class probabilities come from a fine-tuned copy of the backbone's last {branch} blocks"
+            f"{blend}; the maps from the blocks as they were."
         )
     return sentence
 
