@@ -404,7 +404,7 @@ def build_model(
     fields["token_mask_rate"] = resolve_token_mask_rate(args, background_label_id is not None)
     fields["class_token_layers"] = args.class_token_layers or None
     if "image_branch_logit_weight" in getattr(args, "preset_applied", {}) and not args.use_patch_classifier:
-        fields["image_branch_logit_weight"] = 1.0  # the preset's blend needs the patch classifier turned off here
+        fields["image_branch_logit_weight"] = 1.0  # the preset's blend reads the patch classifier the user turned off
     # Unless given (by the user or the preset): every block the class tokens take part in.
     map_layers = args.attention_map_layers or args.class_token_layers or args.num_hidden_layers
     if map_layers:
