@@ -32,7 +32,7 @@ from modeling_clsmask import (
     ClsMaskImageProcessor,
 )
 from modeling_clsmask.backbones import backbone_depth
-from modeling_clsmask.configuration_clsmask import CLASS_MAP_SOURCES
+from modeling_clsmask.configuration_clsmask import CLASS_MAP_SOURCES, check_attention_map_scales
 from modeling_clsmask.pseudo_masks import AUTO, MASK_ASSEMBLIES, resolve_threshold
 from modeling_clsmask.training.arguments import (
     DataArguments,
@@ -76,11 +76,13 @@ from modeling_clsmask.training.outputs import (
     release_output_dir,
 )
 from modeling_clsmask.training.presets import (
+    COARSE_GRID,
     PRESETS,
     RAW_BACKGROUND,
     REFINED_BACKGROUND,
     apply_preset,
     describe_preset,
+    resolve_attention_map_scales,
     resolve_class_token_init,
     resolve_token_mask_rate,
 )
@@ -199,12 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Block indices (0 = first) whose class attention makes the maps, instead of --attention_map_layers.",
     )
     model.add_argument(
-        "--attention_map_scales", type=float, nargs="+", help="Test-time input scales averaged into the maps (preset)."
+        "--attention_map_scales",
+        type=scale_or_auto,
+        nargs="+",
+        help="Test-time input scales averaged into the maps, or 'auto': 1 and 1.5 where the input's patch grid is "
+        f"coarser than {COARSE_GRID} patches a side, else 1 (preset).",
     )
     model.add_argument(
         "--attention_map_flip",
         action=argparse.BooleanOptionalAction,
         help="Also average the maps of flipped inputs (preset).",
+    )
+    model.add_argument(
+        "--image_logits_over_scales",
+        action=argparse.BooleanOptionalAction,
+        help="Also average the image logits over the rescaled passes of --attention_map_scales (preset).",
     )
     model.add_argument(
         "--attention_map_refinement_iterations",
@@ -357,7 +368,7 @@ CONFIG_FROM_ARGS = (
     "num_register_tokens", "token_mask_rate", "use_head_gates", "l0_penalty", "diversity_loss_coefficient",
     "classifier_type", "class_token_isolation", "hide_class_tokens", "patch_dropout", "gate_log_alpha_init",
     "attention_map_layer_ids",
-    "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
+    "attention_map_scales", "attention_map_flip", "image_logits_over_scales", "attention_map_refinement_iterations",
     "attention_map_refinement_sigma", "attention_map_refinement_dilations", "attention_map_affinity_power",
     "use_patch_classifier", "class_map_source", "patch_classifier_loss_weight", "patch_classifier_top_fraction",
     "cam_probability", "image_branch_layers", "image_branch_logit_weight",
@@ -394,6 +405,16 @@ def foreground_ids(processor: ClsMaskImageProcessor, num_labels: int) -> list[in
 ONE_PASS = {"scales": [1.0], "flip": False, "refinement_iterations": 0}
 
 
+def scale_or_auto(text: str) -> float | str:
+    """One `--attention_map_scales` value: a number, or 'auto'."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a scale (a number) nor 'auto'") from None
+
+
 def build_model(
     args, class_names: list[str], background_label_id: int | None = None
 ) -> ClsMaskForMultiLabelClassification:
@@ -403,6 +424,7 @@ def build_model(
     fields = {name: getattr(args, name) for name in CONFIG_FROM_ARGS}
     fields["token_mask_rate"] = resolve_token_mask_rate(args, background_label_id is not None)
     fields["class_token_layers"] = args.class_token_layers or None
+    fields.pop("attention_map_scales")  # set below, once the patch grid is known ('auto')
     if "image_branch_logit_weight" in getattr(args, "preset_applied", {}) and not args.use_patch_classifier:
         fields["image_branch_logit_weight"] = 1.0  # the preset's blend reads the patch classifier the user turned off
     # Unless given (by the user or the preset): every block the class tokens take part in.
@@ -428,6 +450,9 @@ def build_model(
             id2label=id2label, label2id={v: k for k, v in id2label.items()}, **architecture, **fields
         )
         model = ClsMaskForMultiLabelClassification(config)
+    if args.attention_map_scales is not None:
+        grid = model.config.image_size // model.config.patch_size
+        model.config.attention_map_scales = check_attention_map_scales(resolve_attention_map_scales(args, grid))
     freeze_early_layers(model, args.freeze_layers or 0)
     return model
 
@@ -784,6 +809,10 @@ def main(argv: list[str] | None = None) -> dict:
     which = "include a background class" if spec.background_label_id is not None else "have no background class"
     if args.token_mask_rate == AUTO:
         logger.info(f"Token masking 'auto': rate {model.config.token_mask_rate} (the classes {which}).")
+    if args.attention_map_scales == [AUTO]:
+        grid = model.config.image_size // model.config.patch_size
+        logger.info(f"Test-time scales 'auto': {model.config.attention_map_scales} (patch grid {grid} x {grid}; "
+                    f"grids under {COARSE_GRID} x {COARSE_GRID} get an upscaled pass).")  # fmt: skip
     processor = ClsMaskImageProcessor.from_model_config(
         model.config,
         **normalisation(args, model),

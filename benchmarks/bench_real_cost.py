@@ -4,9 +4,9 @@ A DINOv2 ViT-S/14-shaped clsmask model (random weights; the cost does not depend
 21 classes, batch 4, 2 threads, bf16 autocast where this CPU runs bf16 natively (else fp32, as the scripts decide),
 the preset's image branch in every pass.
 Variants: one raw pass (class attention of the last block, no processing); the shipped preset (a flipped second
-pass, feature-affinity propagation, argmax assembly); the same plus 10 rounds of the image refinement (off in the
-preset); all with the masks made at 448 px. Prints images/s and each variant's time over the raw pass, measured in
-this run.
+pass, an upscaled pair where the patch grid is coarse, feature-affinity propagation, argmax assembly); the same plus
+10 rounds of the image refinement (off in the preset); all with the masks made at the input size. Prints images/s and
+each variant's time over the raw pass, measured in this run.
 
     python benchmarks/bench_real_cost.py [--size 448] [--classes 21] [--batch 4] [--repeats 3] [--allow_slow_bf16]
 """
@@ -27,7 +27,7 @@ from transformers import Dinov2Config, Dinov2Model  # noqa: E402
 
 from modeling_clsmask import ClsMaskForSemanticSegmentation, ClsMaskImageProcessor  # noqa: E402
 from modeling_clsmask.training.loop import cpu_bf16_is_native, cpu_bf16_slowdown  # noqa: E402
-from modeling_clsmask.training.presets import PRESETS  # noqa: E402
+from modeling_clsmask.training.presets import PRESETS, resolve_attention_map_scales  # noqa: E402
 
 
 SHIPPED = "shipped preset (flip, affinity, argmax)"
@@ -62,6 +62,7 @@ def main(argv=None) -> dict:
             class_map_source=preset["class_map_source"],
             cam_probability=preset["cam_probability"],
             image_branch_layers=preset["image_branch_layers"],
+            image_logits_over_scales=preset["image_logits_over_scales"],
         ).eval()
     config = model.config
     pixels = torch.randn(args.batch, 3, args.size, args.size)
@@ -69,7 +70,11 @@ def main(argv=None) -> dict:
     labels[:, 0] = 1
     processor = ClsMaskImageProcessor.from_model_config(config, mask_assembly=preset["mask_assembly"])
     shipped = {
-        "scales": preset["attention_map_scales"],
+        # 'auto' as run_pretrain.py resolves it: one pass at 448 px (32 x 32 patches), an upscaled one at 112 px.
+        "scales": resolve_attention_map_scales(
+            argparse.Namespace(preset="pretrained", attention_map_scales=preset["attention_map_scales"]),
+            args.size // config.patch_size,
+        ),
         "flip": preset["attention_map_flip"],
         "affinity_power": preset["attention_map_affinity_power"],
         "refinement_iterations": preset["attention_map_refinement_iterations"],
@@ -93,7 +98,8 @@ def main(argv=None) -> dict:
             times.append(time.perf_counter() - start)
         seconds[name] = sorted(times[1:])[len(times[1:]) // 2]
     raw = seconds["one raw pass"]
-    print(f"{args.size} px, {args.classes} classes, batch {args.batch}, {precision}, 2 threads")
+    print(f"{args.size} px, {args.classes} classes, batch {args.batch}, {precision}, 2 threads, test-time scales "
+          f"{shipped['scales']}")  # fmt: skip
     for name, value in seconds.items():
         print(f"  {name:36s} {args.batch / value:6.2f} images/s   {value / raw:5.2f}x the raw pass")
     hours = 10_000 / (args.batch / seconds[SHIPPED]) / 3600

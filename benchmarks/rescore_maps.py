@@ -3,10 +3,10 @@
     python benchmarks/rescore_maps.py RUN --dataset_name DATA --class_map_sources attention_cam attention_cam_mean \
         cam --background_thresholds 0.35 0.5 --bf16
 
-The map source, the affinity power, test-time flips, the image refinement and the background threshold act at
-inference only, so a checkpoint trained with one setting gives every other setting's pseudo-masks exactly (same
-weights). Prints the pseudo-mask mIoU (image labels, the WSSS protocol) for every combination on one split; choose on
-validation, report on test.
+The map source, the affinity power, test-time scales and flips, the image refinement and the background threshold
+act at inference only, so a checkpoint trained with one setting gives every other setting's pseudo-masks exactly
+(same weights). Prints the pseudo-mask mIoU (image labels, the WSSS protocol) and the mAP of the image logits for
+every combination on one split; choose on validation, report on test.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from diagnose_maps import checkpoint_and_masked_split  # noqa: E402
 
 from modeling_clsmask.configuration_clsmask import CLASS_MAP_SOURCES  # noqa: E402
 from modeling_clsmask.training.arguments import add_data_arguments, optional_fraction  # noqa: E402
-from modeling_clsmask.training.metrics import confusion_matrices, iou_from_confusion  # noqa: E402
+from modeling_clsmask.training.metrics import (  # noqa: E402
+    classification_metrics,
+    confusion_matrices,
+    iou_from_confusion,
+)
+from run_pretrain import foreground_ids  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +54,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--refinement_iterations", type=int, nargs="+", help="Image-refinement rounds (default: the config's)."
     )
     parser.add_argument(
+        "--scales",
+        type=scale_set,
+        nargs="+",
+        help="Test-time scale sets, each comma-separated, e.g. 1 1,1.25 (default: the config's attention_map_scales).",
+    )
+    parser.add_argument(
+        "--logits_over_scales",
+        choices=["off", "on"],
+        nargs="+",
+        help="Image logits averaged over the rescaled passes too (default: the config's image_logits_over_scales).",
+    )
+    parser.add_argument(
         "--flips", choices=["off", "on"], nargs="+", help="Test-time horizontal flips (default: the config's)."
     )
     parser.add_argument(
@@ -60,6 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU (as --mixed_precision bf16).")
     add_data_arguments(parser)
     return parser.parse_args(argv)
+
+
+def scale_set(text: str) -> tuple[float, ...]:
+    """`1,1.25` as (1.0, 1.25)."""
+    try:
+        return tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of scales, e.g. 1,1.25") from None
 
 
 def switches(values: list[str] | None, default: bool) -> list[bool]:
@@ -76,35 +101,51 @@ def main(argv=None) -> dict:
     probabilities = switches(args.cam_probability, config.cam_probability)
     powers = args.affinity_powers or [config.attention_map_affinity_power]
     rounds = args.refinement_iterations or [config.attention_map_refinement_iterations]
+    scales = args.scales or [tuple(config.attention_map_scales)]
+    over_scales = switches(args.logits_over_scales, config.image_logits_over_scales)
     flips = switches(args.flips, config.attention_map_flip)
     thresholds = args.background_thresholds or [processor.background_threshold]
-    settings = list(itertools.product(sources, probabilities, powers, flips, rounds))
+    settings = list(itertools.product(sources, probabilities, powers, scales, over_scales, flips, rounds))
     confusion = {setting + (threshold,): 0 for setting in settings for threshold in thresholds}
+    logits, targets = {setting: [] for setting in settings}, []
     for batch in tqdm(loader, desc="rescore"):
         masks = batch["mask"]
         sizes = [tuple(masks.shape[-2:])] * masks.shape[0]
-        for source, probability, power, flip, iterations in settings:
+        targets.append(batch["labels"])
+        for setting in settings:
+            source, probability, power, scale, over, flip, iterations = setting
             config.class_map_source, config.cam_probability = source, probability
+            config.image_logits_over_scales = over
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 outputs = model.predict_class_maps(
-                    batch["pixel_values"], affinity_power=power, flip=flip, refinement_iterations=iterations
+                    batch["pixel_values"],
+                    scales=list(scale),
+                    affinity_power=power,
+                    flip=flip,
+                    refinement_iterations=iterations,
                 )
+            logits[setting].append(outputs.class_logits.float())
             for threshold in thresholds:
                 labels = processor.post_process_semantic_segmentation(
                     outputs, sizes, classes=batch["labels"].bool(), background_threshold=threshold
                 )
                 counts = confusion_matrices(torch.stack(labels), masks, config.num_labels).sum(0)
-                key = (source, probability, power, flip, iterations, threshold)
+                key = setting + (threshold,)
                 confusion[key] = confusion[key] + counts
+    targets = torch.cat(targets)
+    foreground = foreground_ids(processor, config.num_labels)
     results = {}
-    print(f"{args.split} ({len(loader.dataset)} images): pseudo-mask mIoU from the image labels")
+    print(f"{args.split} ({len(loader.dataset)} images): pseudo-mask mIoU from the image labels, mAP of the logits")
     for key, counts in confusion.items():
-        source, probability, power, flip, iterations, threshold = key
-        score = results[key] = iou_from_confusion(counts)["mean_iou"]
+        source, probability, power, scale, over, flip, iterations, threshold = key
+        score = iou_from_confusion(counts)["mean_iou"]
+        precision = classification_metrics(torch.cat(logits[key[:-1]]), targets, foreground)["mAP"]
+        results[key] = {"mean_iou": score, "mAP": precision}
         print(
             f"  {source:<20} CAM {'probability' if probability else 'logit':<11} affinity power {power:<4g}"
-            f" flip {'on' if flip else 'off':<3} refinement {iterations:<3}"
-            f" background {threshold}: {score:.4f}"
+            f" scales {','.join(f'{value:g}' for value in scale):<8} (logits {'all' if over else 'scale 1'})"
+            f" flip {'on' if flip else 'off':<3}"
+            f" refinement {iterations:<3} background {threshold}: {score:.4f} (mAP {precision:.4f})"
         )
     return results
 

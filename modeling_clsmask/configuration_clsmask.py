@@ -63,8 +63,10 @@ class ClsMaskConfig(PreTrainedConfig):
             augmentation of the maps, as WSSS methods do for their CAMs). `[1.0]`: one pass (the paper). Each
             scale's maps count as attention per scale-1 patch and are averaged on the finest grid; an upscaled
             input gives a finer patch grid, which is where the gain comes from (measured, see README). Training
-            and the class probabilities always use the input as given.
-        attention_map_flip (`bool`): also average the maps of the horizontally flipped inputs.
+            uses the input as given.
+        attention_map_flip (`bool`): also average the maps (and the image logits) of the horizontally flipped inputs.
+        image_logits_over_scales (`bool`): also average the image logits over the rescaled passes of
+            `attention_map_scales` (and their flips); `False`: the input as given and its flip only.
         attention_map_refinement_iterations (`int`): iterations of the pixel-adaptive refinement of the maps with
             the input image at inference (`ClsMaskMapRefinement`, after the test-time scales and flips); the maps
             then come at the input's resolution. 0 (default): the maps as they are (the paper, which uses no CRF or
@@ -163,6 +165,7 @@ class ClsMaskConfig(PreTrainedConfig):
     attention_map_layer_ids: list[int] | None = None
     attention_map_scales: list[float] = field(default_factory=lambda: [1.0])
     attention_map_flip: bool = False
+    image_logits_over_scales: bool = False
     attention_map_refinement_iterations: int = 0
     attention_map_refinement_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
     attention_map_refinement_sigma: float = 0.5

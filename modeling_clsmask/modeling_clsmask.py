@@ -1122,11 +1122,10 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         outputs, maps = self.one_pass(pixel_values, power, attention_map_layers)
         logits = self.pass_logits(outputs)
         if list(scales) != [1.0] or flip:
-            maps, flipped_logits = self.augmented_class_maps(
+            maps, more_logits = self.augmented_class_maps(
                 pixel_values, maps, scales, flip, power, attention_map_layers
             )
-            if flipped_logits is not None:
-                logits = (logits.float() + flipped_logits.float()) / 2
+            logits = torch.stack([logits.float(), *(extra.float() for extra in more_logits)]).mean(0)
         if iterations > 0:
             maps = self.map_refinement(maps, pixel_values, iterations)
         return segmenter_output(self, logits, maps, image_labels)
@@ -1156,18 +1155,20 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         flip: bool,
         power: float,
         attention_map_layers: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`class_maps` (those of the input as given) averaged with the maps of the other `scales` and flips, and
-        the image logits of the flipped input at its own size (`None` without `flip`).
+        the image logits of those passes that the image logits average: the flipped input at its own size, and with
+        `config.image_logits_over_scales` every rescaled pass too.
 
         Every pass's map is put in units of attention per scale-1 patch and enlarged (bilinear) to the finest grid
-        among the passes, so an upscaled pass adds the resolution of its finer patch grid. Only the flipped pass's
-        logits are returned: a flip keeps what the classifier was trained on, a rescaled input does not.
+        among the passes, so an upscaled pass adds the resolution of its finer patch grid. A flip keeps what the
+        classifier was trained on; a rescaled input does not, which a pretrained backbone's heads tolerate (and
+        gain from upscaled) and a small ViT trained from scratch at one size need not.
         """
         height, width = pixel_values.shape[-2:]
         patch = self.config.patch_size
         base_patches = class_maps.shape[-2] * class_maps.shape[-1]
-        passes, flipped_logits = [], None
+        passes, logits = [], []
         for scale in scales:
             size = scaled_size(height, width, scale, patch)
             scaled = pixel_values
@@ -1179,15 +1180,15 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
                     continue
                 inputs = scaled.flip(-1) if flipped else scaled
                 outputs, maps = self.one_pass(inputs, power, attention_map_layers)
-                if size == (height, width):
-                    flipped_logits = self.pass_logits(outputs)
+                if size == (height, width) or self.config.image_logits_over_scales:
+                    logits.append(self.pass_logits(outputs))
                 passes.append(maps.float().flip(-1) if flipped else maps.float())
         grid = max((tuple(maps.shape[-2:]) for maps in passes), key=lambda shape: shape[0] * shape[1])
         total = 0
         for maps in passes:
             density = maps * (maps.shape[-2] * maps.shape[-1] / base_patches)
             total = total + nn.functional.interpolate(density, size=grid, mode="bilinear", align_corners=False)
-        return (total / len(passes)).to(class_maps.dtype), flipped_logits
+        return (total / len(passes)).to(class_maps.dtype), logits
 
     def one_pass(
         self, pixel_values: torch.Tensor, power: float, attention_map_layers: int | None = None

@@ -553,6 +553,15 @@ def test_augmented_maps_against_explicit_passes():
     torch.testing.assert_close(flipped.class_maps, out.class_maps.flip(-1), atol=1e-5, rtol=1e-4)
     unflipped = model.predict_class_maps(pixels, flip=False)
     torch.testing.assert_close(unflipped.class_logits, plain(pixels).logits)  # without flips: the input as given
+    # image_logits_over_scales: the logits are the mean over every pass, the maps stay as they were.
+    model.config.image_logits_over_scales = True
+    over = model.predict_class_maps(pixels)
+    every = [plain(x).logits for x in (pixels, pixels.flip(-1), big, big.flip(-1))]
+    torch.testing.assert_close(over.class_logits, sum(every) / 4, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(over.class_maps, out.class_maps)
+    over_unflipped = model.predict_class_maps(pixels, flip=False)
+    torch.testing.assert_close(over_unflipped.class_logits, (every[0] + every[2]) / 2, atol=1e-5, rtol=1e-4)
+    model.config.image_logits_over_scales = False
     # forward is one pass in either mode; arguments override the config for one call, which stays as it was.
     assert model(pixels, output_class_maps=True).class_maps.shape == (2, 3, 4, 4)
     torch.testing.assert_close(

@@ -1,5 +1,6 @@
 """run_pretrain.py end to end on tiny data: outputs, resume equality, data formats, bad inputs, Hub push."""
 
+import argparse
 import fnmatch
 import json
 import logging
@@ -90,12 +91,22 @@ def test_builtin_end_to_end(tmp_path, capsys):
 
     config = json.loads((out / "config.json").read_text())
     flip, rounds = config["attention_map_flip"], config["attention_map_refinement_iterations"]
+    scales = tuple(config["attention_map_scales"])
     rescored = rescore_maps.main([str(out), *BUILTIN, "--background_thresholds", "auto", "none",
-                                  "--refinement_iterations", str(rounds), "0"])  # fmt: skip
-    own = rescored[("attention", False, 0.0, flip, rounds, "auto")]
-    assert own == pytest.approx(saved["pseudo_mask_mean_iou"], abs=1e-6)
-    assert rescored[("attention", False, 0.0, flip, rounds, None)] != own
-    assert rounds > 0 and rescored[("attention", False, 0.0, flip, 0, "auto")] != own  # the refinement acts
+                                  "--refinement_iterations", str(rounds), "0",
+                                  "--scales", ",".join(map(str, scales)), "1",
+                                  "--logits_over_scales", "off", "on"])  # fmt: skip
+    over = config["image_logits_over_scales"]
+    own = rescored[("attention", False, 0.0, scales, over, flip, rounds, "auto")]
+    assert own["mean_iou"] == pytest.approx(saved["pseudo_mask_mean_iou"], abs=1e-6)
+    assert own["mAP"] == pytest.approx(saved["mAP"], abs=1e-6)
+    assert rescored[("attention", False, 0.0, scales, over, flip, rounds, None)]["mean_iou"] != own["mean_iou"]
+    refined = rescored[("attention", False, 0.0, scales, over, flip, 0, "auto")]
+    assert rounds > 0 and refined["mean_iou"] != own["mean_iou"]  # the refinement acts
+    single = rescored[("attention", False, 0.0, (1.0,), over, flip, rounds, "auto")]  # the test-time scales act
+    assert scales != (1.0,) and single["mean_iou"] != own["mean_iou"]
+    swapped = rescored[("attention", False, 0.0, scales, not over, flip, rounds, "auto")]  # logits over the scales
+    assert swapped["mean_iou"] == own["mean_iou"] and swapped["mAP"] != own["mAP"]
 
 
 def test_resume_gives_identical_weights(tmp_path):
@@ -500,6 +511,16 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     assert config.attention_map_affinity_power == preset["attention_map_affinity_power"] > 0
     # The preset's image logits blend the branch with the patch classifier; without the latter, the branch's alone.
     assert config.image_branch_logit_weight == preset["image_branch_logit_weight"] < 1
+    # Test-time scales 'auto': an upscaled pass for a coarse patch grid (28 px, patch 14: 2 x 2), one pass for a fine
+    # one; the image logits average every pass; scales given win.
+    assert args.attention_map_scales == ["auto"] and config.attention_map_scales == [1.0, 1.5]
+    assert config.image_logits_over_scales is preset["image_logits_over_scales"] is True
+    fine = argparse.Namespace(**{**vars(args), "image_size": 14 * run_pretrain.COARSE_GRID})
+    assert run_pretrain.build_model(fine, ["background", "a"]).config.attention_map_scales == [1.0]
+    given = run_pretrain.parse_args(["--init_from", str(tmp_path / "dino"), "--attention_map_scales", "1", "2"])
+    assert run_pretrain.resolve_attention_map_scales(given, 2) == [1.0, 2.0]
+    with pytest.raises(SystemExit):
+        run_pretrain.parse_args(["--init_from", str(tmp_path / "dino"), "--attention_map_scales", "big"])
     args.use_patch_classifier, args.class_map_source = False, "attention"
     assert run_pretrain.build_model(args, ["background", "a"]).config.image_branch_logit_weight == 1.0
     args.use_patch_classifier, args.class_map_source = True, preset["class_map_source"]
@@ -543,6 +564,7 @@ def test_cached_features_train_the_weights_the_full_backbone_trains(tmp_path, ca
     with caplog.at_level(logging.INFO):
         run_pretrain.main([*common, "--output_dir", str(tmp_path / "cached")])
         assert "Features cached: the inputs of block 1 for 48 training images" in caplog.text
+        assert "Test-time scales 'auto': [1.0, 1.5] (patch grid 2 x 2;" in caplog.text
         caplog.clear()
         run_pretrain.main([*common, "--cache_features", "off", "--output_dir", str(tmp_path / "full")])
         assert "Features cached" not in caplog.text

@@ -34,7 +34,7 @@ CONFIG_FIELDS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "patch_embedding_type", "conv_stem_depth", "classifier_type", "weight_init", "num_register_tokens",
     "token_mask_rate", "use_head_gates", "l0_penalty", "attention_map_layers", "attention_map_layer_ids",
-    "attention_map_scales", "attention_map_flip", "attention_map_refinement_iterations",
+    "attention_map_scales", "attention_map_flip", "image_logits_over_scales", "attention_map_refinement_iterations",
     "attention_map_refinement_sigma", "class_token_layers", "class_token_isolation", "backbone_family",
     "attention_map_affinity_power", "hide_class_tokens", "use_patch_classifier", "class_map_source",
     "patch_classifier_top_fraction",
