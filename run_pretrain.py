@@ -42,6 +42,7 @@ from modeling_clsmask.training.arguments import (
     check_arguments,
     fraction_or_auto,
     optional_fraction,
+    scale_or_auto,
     tracked_arguments,
 )
 from modeling_clsmask.training.baselines import frozen_baselines
@@ -403,16 +404,6 @@ def foreground_ids(processor: ClsMaskImageProcessor, num_labels: int) -> list[in
 
 # The maps of one pass (no test-time scales, flips or refinement): `predict_class_maps` overrides for monitoring.
 ONE_PASS = {"scales": [1.0], "flip": False, "refinement_iterations": 0}
-
-
-def scale_or_auto(text: str) -> float | str:
-    """One `--attention_map_scales` value: a number, or 'auto'."""
-    if text == AUTO:
-        return AUTO
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a scale (a number) nor 'auto'") from None
 
 
 def build_model(

@@ -39,6 +39,16 @@ def fraction_or_auto(text: str) -> float | str:
     return value
 
 
+def scale_or_auto(text: str) -> float | str:
+    """argparse type for one `--attention_map_scales` value: a number, or `auto`."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a scale (a number) nor 'auto'") from None
+
+
 def steps_or_epoch(text: str) -> int | str:
     """argparse type for `--checkpointing_steps`: a positive integer or `epoch`."""
     if text == "epoch":
