@@ -59,7 +59,17 @@ from modeling_clsmask.training.data import (
     validate_splits,
     write_dataset_card,
 )
-from modeling_clsmask.training.loop import make_accelerator, prepare_training, resume_from, train_loop
+from modeling_clsmask.training.loop import (
+    ATTENTION_IMPLEMENTATIONS,
+    attention_implementation,
+    checkpointed_training_attention,
+    choose_training_attention,
+    make_accelerator,
+    prepare_training,
+    record_training_attention,
+    resume_from,
+    train_loop,
+)
 from modeling_clsmask.training.metrics import (
     class_assignment_counts,
     class_assignment_summary,
@@ -186,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="'auto': where nothing below the first block with class tokens learns and the only augmentation is the "
         "flip, compute those blocks once per training image and flip and train from memory (at most "
         f"{FEATURE_CACHE_MAX_GIB:g} GiB); 'off': run the whole backbone every step.",
+    )
+    model.add_argument(
+        "--training_attention",
+        choices=[AUTO, *ATTENTION_IMPLEMENTATIONS],
+        default=AUTO,
+        help="Attention kernel of the training steps. 'auto': on a CPU the faster of sdpa and eager for a step on the "
+        "first training batch (timed at start-up), elsewhere sdpa. Evaluation and the saved model keep the model's "
+        "own (sdpa).",
     )
     model.add_argument(
         "--use_head_gates", action="store_true", help="Hard Concrete gates per head (sparse attention)."
@@ -685,6 +703,24 @@ def print_results(metrics: dict, args) -> None:
             )
 
 
+def training_attention_for(args, accelerator, model, loss_fn, batch, checkpoint: str | None) -> str:
+    """`--training_attention`, with 'auto' resolved: the resumed `checkpoint`'s, else `choose_training_attention`'s
+    (the step times are logged). Every checkpoint records it (`record_training_attention`)."""
+    choice = args.training_attention
+    if choice == AUTO:
+        choice = checkpointed_training_attention(checkpoint)
+        if choice is not None:
+            logger.info(f"Training attention 'auto': {choice}, as in the checkpoint resumed from.")
+    if choice == AUTO or choice is None:
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        unwrapped = accelerator.unwrap_model(model)
+        choice, times = choose_training_attention(accelerator, model, unwrapped.config, loss_fn, batch)
+        timed = f" (a step on the first batch: {', '.join(f'{name} {s:.3f} s' for name, s in times.items())})"
+        logger.info(f"Training attention 'auto': {choice}" + (timed if times else ""))
+    record_training_attention(accelerator, choice)
+    return choice
+
+
 def cached_train_loader(args, model, train_loader, accelerator):
     """With `--cache_features auto` where `feature_cache_blocker` finds nothing: a loader over the training images'
     cached block inputs (same rows, order and batches as `train_loader`), else None (the reason is logged)."""
@@ -832,6 +868,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError("--class_token_init class_mean: the class tokens pass the backbone's pre-encoder norm "
                              "(CLIP) before their first block; use --class_token_init embedding.")  # fmt: skip
     train_loader = cached_train_loader(args, model, train_loader, accelerator) or train_loader
+    rows = range(min(args.per_device_train_batch_size, len(train_loader.dataset)))
+    first_batch = train_loader.collate_fn([train_loader.dataset[i] for i in rows])  # for --training_attention auto
     optimizer = build_optimizer(args, model)
     model, optimizer, train_loader, eval_loader, schedule = prepare_training(
         accelerator, args, model, optimizer, train_loader, eval_loader
@@ -849,13 +887,19 @@ def main(argv: list[str] | None = None) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     results = {"metrics": {}, "panels": []}
 
-    def loss_fn(model, batch):
+    def step_loss(model, batch):
         if "plain" in batch:  # cached features: the same flip draw as augment_batch's (it has no crop here)
             flip = torch.rand(batch["plain"].shape[0], 4, device=batch["plain"].device)[:, 3] < args.flip_prob
             inputs = torch.where(flip[:, None, None], batch["flipped"], batch["plain"]).float()  # bf16 in memory
             return model(block_inputs=inputs, labels=batch["labels"]).loss
         pixels, _ = augment_batch(batch["pixel_values"], None, args.flip_prob, (args.crop_scale_min, 1.0))
         return model(pixels, labels=batch["labels"]).loss
+
+    training_attention = training_attention_for(args, accelerator, model, step_loss, first_batch, state.checkpoint)
+
+    def loss_fn(model, batch):
+        with attention_implementation(unwrapped.config, training_attention):
+            return step_loss(model, batch)
 
     def open_gates() -> dict:
         gates = unwrapped.clsmask.gate_values()

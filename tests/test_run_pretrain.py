@@ -5,6 +5,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,11 +110,18 @@ def test_builtin_end_to_end(tmp_path, capsys):
     assert swapped["mean_iou"] == own["mean_iou"] and swapped["mAP"] != own["mAP"]
 
 
-def test_resume_gives_identical_weights(tmp_path):
+def test_resume_gives_identical_weights(tmp_path, caplog):
     args = [*TINY, *BUILTIN, "--max_train_steps", "6", "--checkpointing_steps", "2", "--num_visualizations", "0",
             "--checkpoints_total_limit", "2"]  # fmt: skip
-    run_pretrain.main([*args, "--output_dir", str(tmp_path / "full")])
+    with caplog.at_level(logging.INFO):
+        run_pretrain.main([*args, "--output_dir", str(tmp_path / "full")])
     full = load_file(tmp_path / "full" / "model.safetensors")
+    # 'auto' timed both attention kernels once and every checkpoint records the one chosen.
+    timed = re.findall(r"Training attention 'auto': [^\n]*", caplog.text)
+    assert len(timed) == 1 and "sdpa" in timed[0] and "eager" in timed[0] and " s, " in timed[0], timed
+    chosen = json.loads((tmp_path / "full" / "checkpoints" / "step_4" / "training_attention.json").read_text())
+    assert timed[0].startswith(f"Training attention 'auto': {chosen['training_attention']} (")
+    caplog.clear()
     # Retention: the newest two of steps 2, 4, 6 are kept (6 is what 'latest' names).
     assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == ["step_4", "step_6"]
     # Interrupted after step 4: the folder as the run left it (checkpoint recorded, no final model, not finished).
@@ -126,7 +134,14 @@ def test_resume_gives_identical_weights(tmp_path):
     marker_path.write_text(json.dumps({**marker, "checkpoints": ["checkpoints/step_4"], "finished": False}))
     # An older run's higher-numbered checkpoint in the same folder is not "latest" for this run.
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_4", tmp_path / "resumed" / "checkpoints" / "step_999")
-    run_pretrain.main([*args, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+    # The resumed run keeps the checkpoint's kernel rather than timing again (which could pick the other one and then
+    # differ from the uninterrupted run in the last bits) and records it in its own checkpoints.
+    with caplog.at_level(logging.INFO):
+        run_pretrain.main([*args, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
+    kept = re.findall(r"Training attention 'auto': [^\n]*", caplog.text)
+    assert kept == [f"Training attention 'auto': {chosen['training_attention']}, as in the checkpoint resumed from."]
+    recorded = tmp_path / "resumed" / "checkpoints" / "step_6" / "training_attention.json"
+    assert json.loads(recorded.read_text()) == chosen
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     assert full.keys() == resumed.keys()
     for key in full:
@@ -725,3 +740,28 @@ def test_the_image_branch_gradients_are_clipped_apart_from_the_rest():
         Accelerator(cpu=True).clip_grad_norm_(parameters, 1.0)
     assert all(torch.all(p.grad == 1e-4) for p in rest)  # below the norm: untouched by the branch's
     assert torch.cat([p.grad.flatten() for p in branch]).norm() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_timing_the_attention_kernels_leaves_the_model_as_it_came():
+    # '--training_attention auto' runs training steps before training: they must not move the batch-norm statistics,
+    # leave gradients behind, draw on the training's random numbers or keep the kernel switched.
+    from accelerate import Accelerator
+    from conftest import tiny_config
+
+    from modeling_clsmask import ClsMaskForMultiLabelClassification
+    from modeling_clsmask.training.loop import choose_training_attention
+
+    model = ClsMaskForMultiLabelClassification(tiny_config(patch_embedding_type="conv", conv_stem_depth=2)).train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    assert any("running_mean" in name for name in before)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.eye(4, model.config.num_labels)}
+    rng = torch.get_rng_state()
+    choice, times = choose_training_attention(
+        Accelerator(cpu=True), model, model.config, lambda m, b: m(**b).loss, batch
+    )
+    assert set(times) == {"sdpa", "eager"} and choice == min(times, key=times.get)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(parameter.grad is None for parameter in model.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

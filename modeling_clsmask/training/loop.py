@@ -7,7 +7,9 @@ had already seen skipped, so a resumed run replays the same batches and random n
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -54,6 +56,85 @@ def cpu_bf16_slowdown() -> float:
 def cpu_bf16_is_native() -> bool:
     """Whether bf16 autocast on this CPU is no more than `SLOW_BF16_RATIO` times slower than fp32 (measured once)."""
     return cpu_bf16_slowdown() <= SLOW_BF16_RATIO
+
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@contextlib.contextmanager
+def attention_implementation(config, name: str | None):
+    """Run the block with `config._attn_implementation` set to `name` ('sdpa' or 'eager'; None: as it is), then
+    restore it. The attention modules read it at every call, so the switch costs nothing."""
+    own = config._attn_implementation
+    if name is not None:
+        config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = own
+
+
+def time_training_step(model, config, loss_fn: Callable, batch: dict, name: str, repeats: int = 2) -> float:
+    """Best seconds of `repeats` forward-and-backward passes of `loss_fn(model, batch)` with attention `name` (set on
+    `config`, the unwrapped model's), after one untimed pass. The model leaves as it came: gradients cleared, buffers
+    (batch-norm statistics) restored, the global RNG untouched."""
+    times, buffers = [], {name: value.clone() for name, value in model.named_buffers()}
+    with torch.random.fork_rng(devices=[]):
+        for step in range(repeats + 1):
+            start = time.perf_counter()
+            with attention_implementation(config, name):
+                loss = loss_fn(model, batch)
+            loss.backward()
+            if step:
+                times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, value in model.named_buffers():
+            value.copy_(buffers[name])
+    return min(times)
+
+
+TRAINING_ATTENTION_FILE = "training_attention.json"  # in every checkpoint folder: the kernel its run trained with
+
+
+def checkpointed_training_attention(folder: str | None) -> str | None:
+    """The training attention a checkpoint's run used (None: no checkpoint, or one saved before it was recorded)."""
+    path = os.path.join(folder, TRAINING_ATTENTION_FILE) if folder else None
+    if path is None or not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)["training_attention"]
+
+
+def record_training_attention(accelerator: Accelerator, name: str) -> None:
+    """Write `name` into every checkpoint `accelerator.save_state` makes from now on, so that a resumed run keeps the
+    kernel, and with it the exact numbers, of the run it continues."""
+
+    def hook(models, weights, folder: str) -> None:
+        if accelerator.is_main_process:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, TRAINING_ATTENTION_FILE), "w") as handle:
+                json.dump({"training_attention": name}, handle)
+
+    accelerator.register_save_state_pre_hook(hook)
+
+
+def choose_training_attention(
+    accelerator: Accelerator, model, config, loss_fn: Callable, batch: dict
+) -> tuple[str, dict[str, float]]:
+    """The attention implementation training runs with, and the step times it was chosen by: on a CPU the faster of
+    `ATTENTION_IMPLEMENTATIONS` for one training step on `batch` (the main process's choice, so every process runs
+    the same), elsewhere sdpa (not timed).
+
+    Why time it: torch's fused CPU attention has a backward several times slower than plain matmuls for short
+    sequences (the pretrained preset's 65 tokens in bf16) and is faster for long ones or in fp32; where the line
+    falls depends on the CPU."""
+    if accelerator.device.type != "cpu":
+        return "sdpa", {}
+    times = {name: time_training_step(model, config, loss_fn, batch, name) for name in ATTENTION_IMPLEMENTATIONS}
+    choice = [min(times, key=times.get)]
+    broadcast_object_list(choice)
+    return choice[0], times
 
 
 def make_accelerator(
@@ -146,6 +227,7 @@ class LoopState:
     completed_steps: int = 0
     starting_epoch: int = 0
     resume_step: int = 0
+    checkpoint: str | None = None  # the folder resumed from
 
 
 def resume_from(
@@ -165,7 +247,7 @@ def resume_from(
     steps_per_epoch = schedule.steps_per_epoch
     completed = (int(number) + 1) * steps_per_epoch if kind == "epoch" else int(number)
     resume_step = (completed % steps_per_epoch) * accelerator.gradient_accumulation_steps
-    return LoopState(completed, completed // steps_per_epoch, resume_step)
+    return LoopState(completed, completed // steps_per_epoch, resume_step, path)
 
 
 def clip_groups(model: torch.nn.Module, separate: tuple[str, ...]) -> list[list[torch.nn.Parameter]]:
