@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[AUTO, *ATTENTION_IMPLEMENTATIONS],
         default=AUTO,
         help="Attention kernel of the training steps. 'auto': on a CPU the faster of sdpa and eager for a step on the "
-        "first training batch (timed at start-up), elsewhere sdpa. Evaluation and the saved model keep the model's "
-        "own (sdpa).",
+        "first training batch (timed at start-up; a resumed run keeps its checkpoint's), elsewhere sdpa. The two "
+        "differ in rounding only: name one for bit-identical reruns. Evaluation and the saved model keep the "
+        "model's own (sdpa).",
     )
     model.add_argument(
         "--use_head_gates", action="store_true", help="Hard Concrete gates per head (sparse attention)."
@@ -711,7 +712,7 @@ def training_attention_for(args, accelerator, model, loss_fn, batch, checkpoint:
         choice = checkpointed_training_attention(checkpoint)
         if choice is not None:
             logger.info(f"Training attention 'auto': {choice}, as in the checkpoint resumed from.")
-    if choice == AUTO or choice is None:
+    if choice is None:  # 'auto' and no checkpoint (or one saved before the choice was recorded)
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         unwrapped = accelerator.unwrap_model(model)
         choice, times = choose_training_attention(accelerator, model, unwrapped.config, loss_fn, batch)

@@ -751,7 +751,7 @@ def test_timing_the_attention_kernels_leaves_the_model_as_it_came():
     from modeling_clsmask import ClsMaskForMultiLabelClassification
     from modeling_clsmask.training.loop import choose_training_attention
 
-    model = ClsMaskForMultiLabelClassification(tiny_config(patch_embedding_type="conv", conv_stem_depth=2)).train()
+    model = ClsMaskForMultiLabelClassification(tiny_config(patch_embedding_type="conv", conv_stem_depth=2)).eval()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     assert any("running_mean" in name for name in before)
     batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.eye(4, model.config.num_labels)}
@@ -760,7 +760,7 @@ def test_timing_the_attention_kernels_leaves_the_model_as_it_came():
         Accelerator(cpu=True), model, model.config, lambda m, b: m(**b).loss, batch
     )
     assert set(times) == {"sdpa", "eager"} and choice == min(times, key=times.get)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa" and not model.training
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(parameter.grad is None for parameter in model.parameters())
     for name, value in model.state_dict().items():

@@ -76,9 +76,11 @@ def attention_implementation(config, name: str | None):
 
 def time_training_step(model, config, loss_fn: Callable, batch: dict, name: str, repeats: int = 2) -> float:
     """Best seconds of `repeats` forward-and-backward passes of `loss_fn(model, batch)` with attention `name` (set on
-    `config`, the unwrapped model's), after one untimed pass. The model leaves as it came: gradients cleared, buffers
-    (batch-norm statistics) restored, the global RNG untouched."""
-    times, buffers = [], {name: value.clone() for name, value in model.named_buffers()}
+    `config`, the unwrapped model's), in training mode, after one untimed pass. The model leaves as it came: mode
+    restored, gradients cleared, buffers (batch-norm statistics) restored, the global RNG untouched."""
+    times, buffers = [], {key: value.clone() for key, value in model.named_buffers()}
+    was_training = model.training
+    model.train()
     with torch.random.fork_rng(devices=[]):
         for step in range(repeats + 1):
             start = time.perf_counter()
@@ -87,10 +89,11 @@ def time_training_step(model, config, loss_fn: Callable, batch: dict, name: str,
             loss.backward()
             if step:
                 times.append(time.perf_counter() - start)
+    model.train(was_training)
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        for name, value in model.named_buffers():
-            value.copy_(buffers[name])
+        for key, value in model.named_buffers():
+            value.copy_(buffers[key])
     return min(times)
 
 
