@@ -495,7 +495,7 @@ def test_string_labels_and_missing_images(tmp_path):
         assert info["splits"] == {"train": 6, "validation": 3}
 
 
-def test_pretrained_preset_and_background_notice(tmp_path):
+def test_pretrained_preset_and_background_notice(tmp_path, capsys):
     # With --init_from the 'pretrained' preset fills what the user left out; what the user gives wins.
     from transformers import Dinov2Config, Dinov2Model
 
@@ -536,6 +536,10 @@ def test_pretrained_preset_and_background_notice(tmp_path):
     assert run_pretrain.resolve_attention_map_scales(given, 2) == [1.0, 2.0]
     with pytest.raises(SystemExit):
         run_pretrain.parse_args(["--init_from", str(tmp_path / "dino"), "--attention_map_scales", "big"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_pretrain.parse_args(["--init_from", str(tmp_path / "dino"), "--attention_map_scales", "auto", "1.5"])
+    assert "'auto' stands alone" in capsys.readouterr().err
     args.use_patch_classifier, args.class_map_source = False, "attention"
     assert run_pretrain.build_model(args, ["background", "a"]).config.image_branch_logit_weight == 1.0
     args.use_patch_classifier, args.class_map_source = True, preset["class_map_source"]

@@ -197,6 +197,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(conflict)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id.")
+    scales = getattr(args, "attention_map_scales", None) or []
+    if AUTO in scales and len(scales) > 1:
+        parser.error("--attention_map_scales: 'auto' stands alone (the preset's scales for the input's patch grid); "
+                     "to choose yourself give numbers only, e.g. --attention_map_scales 1 1.5.")  # fmt: skip
 
 
 def tracked_arguments(args: argparse.Namespace) -> dict:
