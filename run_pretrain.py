@@ -704,15 +704,18 @@ def print_results(metrics: dict, args) -> None:
             )
 
 
-def training_attention_for(args, accelerator, model, loss_fn, batch, checkpoint: str | None) -> str:
-    """`--training_attention`, with 'auto' resolved: the resumed `checkpoint`'s, else `choose_training_attention`'s
-    (the step times are logged). Every checkpoint records it (`record_training_attention`)."""
+def training_attention_for(args, accelerator, model, loss_fn, train_loader, checkpoint: str | None) -> str:
+    """`--training_attention`, with 'auto' resolved: the resumed `checkpoint`'s, else `choose_training_attention`'s on
+    the first rows of `train_loader`'s dataset (read directly: iterating the loader would draw on its generator; the
+    step times are logged). Every checkpoint records it (`record_training_attention`)."""
     choice = args.training_attention
     if choice == AUTO:
         choice = checkpointed_training_attention(checkpoint)
         if choice is not None:
             logger.info(f"Training attention 'auto': {choice}, as in the checkpoint resumed from.")
     if choice is None:  # 'auto' and no checkpoint (or one saved before the choice was recorded)
+        data = train_loader.dataset
+        batch = train_loader.collate_fn([data[i] for i in range(min(args.per_device_train_batch_size, len(data)))])
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         unwrapped = accelerator.unwrap_model(model)
         choice, times = choose_training_attention(accelerator, model, unwrapped.config, loss_fn, batch)
@@ -869,8 +872,6 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError("--class_token_init class_mean: the class tokens pass the backbone's pre-encoder norm "
                              "(CLIP) before their first block; use --class_token_init embedding.")  # fmt: skip
     train_loader = cached_train_loader(args, model, train_loader, accelerator) or train_loader
-    rows = range(min(args.per_device_train_batch_size, len(train_loader.dataset)))
-    first_batch = train_loader.collate_fn([train_loader.dataset[i] for i in rows])  # for --training_attention auto
     optimizer = build_optimizer(args, model)
     model, optimizer, train_loader, eval_loader, schedule = prepare_training(
         accelerator, args, model, optimizer, train_loader, eval_loader
@@ -896,7 +897,7 @@ def main(argv: list[str] | None = None) -> dict:
         pixels, _ = augment_batch(batch["pixel_values"], None, args.flip_prob, (args.crop_scale_min, 1.0))
         return model(pixels, labels=batch["labels"]).loss
 
-    training_attention = training_attention_for(args, accelerator, model, step_loss, first_batch, state.checkpoint)
+    training_attention = training_attention_for(args, accelerator, model, step_loss, train_loader, state.checkpoint)
 
     def loss_fn(model, batch):
         with attention_implementation(unwrapped.config, training_attention):
