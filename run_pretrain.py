@@ -630,7 +630,7 @@ def evaluate(
             gathered[key].append(value.cpu())
     model.train()
     probs, labels = torch.cat(gathered["probs"]), torch.cat(gathered["labels"])
-    metrics = classification_metrics(probs, labels, foreground, config.class_threshold)
+    metrics = classification_metrics(probs, labels, foreground, config.class_threshold, class_names)
     metrics["num_images"] = int(probs.shape[0])
     if gathered["conf_gt"]:
         for name, key in (("pseudo_mask", "conf_gt"), ("prediction_mask", "conf_pred"), ("baseline", "conf_base")):

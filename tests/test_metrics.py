@@ -47,6 +47,16 @@ def test_average_precision_known_answer():
     assert math.isnan(average_precision(scores, torch.zeros_like(targets))[0].item())
     metrics = classification_metrics(torch.tensor([[0.9, 0.2], [0.1, 0.8]]), torch.tensor([[1, 0], [0, 1]]), [0, 1])
     assert metrics["mAP"] == 1.0 and metrics["f1_micro"] == 1.0
+    # Per class, keyed by name, over the classes asked for (class 1 is background here and left out); a class
+    # without positives is None, not a NaN that json would write as an invalid token.
+    scores = torch.tensor([[0.9, 0.2, 0.6], [0.1, 0.8, 0.7], [0.5, 0.3, 0.1]])
+    targets = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 0, 1]])
+    metrics = classification_metrics(scores, targets, [0, 2], class_names=["cat", "background", "dog"])
+    assert metrics["per_class_AP"] == {"cat": 1.0, "dog": pytest.approx((1 / 1 + 1 / 3 * 2) / 2)}
+    assert metrics["mAP"] == pytest.approx((1.0 + (1 + 2 / 3) / 2) / 2)
+    assert classification_metrics(scores, targets * 0 + torch.tensor([1, 0, 0]), [0, 2], class_names=["a", "b", "c"])[
+        "per_class_AP"
+    ]["c"] is None
 
 
 def test_class_assignment():

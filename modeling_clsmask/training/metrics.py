@@ -55,11 +55,21 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def classification_metrics(
-    probs: torch.Tensor, targets: torch.Tensor, classes: list[int], threshold: float = 0.5
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    classes: list[int],
+    threshold: float = 0.5,
+    class_names: list[str] | None = None,
 ) -> dict:
-    """mAP (macro over `classes` with positives) and micro / macro F1 at `threshold`."""
+    """mAP (macro over `classes` with positives) and micro / macro F1 at `threshold`; with `class_names` (indexed by
+    class id) also `per_class_AP` ({name: AP, None without positives}), so a low mAP can be traced to its classes."""
     probs, targets = probs[:, classes].float(), targets[:, classes].float()
     ap = average_precision(probs, targets)
+    per_class = {}
+    if class_names is not None:
+        per_class["per_class_AP"] = {
+            class_names[c]: None if torch.isnan(value) else float(value) for c, value in zip(classes, ap)
+        }
     predicted = (probs >= threshold).float()
     tp = (predicted * targets).sum(0)
     fp = (predicted * (1 - targets)).sum(0)
@@ -71,6 +81,7 @@ def classification_metrics(
         "f1_micro": float(micro),
         "f1_macro": float(f1.mean()),
         "exact_match": float((predicted == targets).all(1).float().mean()),
+        **per_class,
     }
 
 
