@@ -46,7 +46,7 @@ def test_builtin_end_to_end(tmp_path, capsys):
     assert saved["num_images"] == 16
     assert 0.0 <= saved["pseudo_mask_mean_iou"] <= 1.0
     assert set(saved["pseudo_mask_per_class_iou"]) == {"background", "disk", "square", "triangle", "cross", "ring"}
-    assert set(saved["per_class_AP"]) == {"disk", "square", "triangle", "cross", "ring"}  # background is no image label
+    assert set(saved["per_class_AP"]) == {"disk", "square", "triangle", "cross", "ring"}  # background: no image label
     assert metrics["pseudo_mask_mean_iou"] == saved["pseudo_mask_mean_iou"]
     assert saved["class_assignment_margin"] == pytest.approx(
         saved["class_assignment_accuracy"] - saved["class_assignment_chance"]
