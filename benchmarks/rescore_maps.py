@@ -6,7 +6,7 @@
 The map source, the affinity power, test-time scales and flips, the image refinement and the background threshold
 act at inference only, so a checkpoint trained with one setting gives every other setting's pseudo-masks exactly
 (same weights). Prints the pseudo-mask mIoU (image labels, the WSSS protocol) and the mAP of the image logits for
-every combination on one split; choose on validation, report on test.
+every combination on one split (`--per_class_ap`: and each class's AP); choose on validation, report on test.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Background thresholds, 'none' or numbers (default: the processor's).",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU (as --mixed_precision bf16).")
+    parser.add_argument("--per_class_ap", action="store_true", help="Also print each setting's AP per class.")
     add_data_arguments(parser)
     return parser.parse_args(argv)
 
@@ -134,19 +135,24 @@ def main(argv=None) -> dict:
                 confusion[key] = confusion[key] + counts
     targets = torch.cat(targets)
     foreground = foreground_ids(processor, config.num_labels)
+    names = [config.id2label[index] for index in range(config.num_labels)]
     results = {}
     print(f"{args.split} ({len(loader.dataset)} images): pseudo-mask mIoU from the image labels, mAP of the logits")
     for key, counts in confusion.items():
         source, probability, power, scale, over, flip, iterations, threshold = key
         score = iou_from_confusion(counts)["mean_iou"]
-        precision = classification_metrics(torch.cat(logits[key[:-1]]), targets, foreground)["mAP"]
-        results[key] = {"mean_iou": score, "mAP": precision}
+        ranking = classification_metrics(torch.cat(logits[key[:-1]]), targets, foreground, class_names=names)
+        precision = ranking["mAP"]
+        results[key] = {"mean_iou": score, "mAP": precision, "per_class_AP": ranking["per_class_AP"]}
         print(
             f"  {source:<20} CAM {'probability' if probability else 'logit':<11} affinity power {power:<4g}"
             f" scales {','.join(f'{value:g}' for value in scale):<8} (logits {'all' if over else 'scale 1'})"
             f" flip {'on' if flip else 'off':<3}"
             f" refinement {iterations:<3} background {threshold}: {score:.4f} (mAP {precision:.4f})"
         )
+        if args.per_class_ap:
+            shown = (f"{name} {'-' if ap is None else f'{ap:.3f}'}" for name, ap in ranking["per_class_AP"].items())
+            print("    AP: " + ", ".join(shown))
     return results
 
 

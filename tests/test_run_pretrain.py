@@ -97,11 +97,13 @@ def test_builtin_end_to_end(tmp_path, capsys):
     rescored = rescore_maps.main([str(out), *BUILTIN, "--background_thresholds", "auto", "none",
                                   "--refinement_iterations", str(rounds), "0",
                                   "--scales", ",".join(map(str, scales)), "1",
-                                  "--logits_over_scales", "off", "on"])  # fmt: skip
+                                  "--logits_over_scales", "off", "on", "--per_class_ap"])  # fmt: skip
     over = config["image_logits_over_scales"]
     own = rescored[("attention", False, 0.0, scales, over, flip, rounds, "auto")]
     assert own["mean_iou"] == pytest.approx(saved["pseudo_mask_mean_iou"], abs=1e-6)
     assert own["mAP"] == pytest.approx(saved["mAP"], abs=1e-6)
+    assert own["per_class_AP"] == pytest.approx(saved["per_class_AP"], abs=1e-6)
+    assert "    AP: disk " in capsys.readouterr().out
     assert rescored[("attention", False, 0.0, scales, over, flip, rounds, None)]["mean_iou"] != own["mean_iou"]
     refined = rescored[("attention", False, 0.0, scales, over, flip, 0, "auto")]
     assert rounds > 0 and refined["mean_iou"] != own["mean_iou"]  # the refinement acts
