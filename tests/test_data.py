@@ -1,6 +1,7 @@
 """The data layer: typed arguments, the 'auto'/'none'/number convention, and mask layouts users have."""
 
 import argparse
+import os
 
 import datasets
 import numpy as np
@@ -91,6 +92,34 @@ def test_mask_label_offset_for_voc_layout_masks(tmp_path):
          "--max_train_steps", "1", "--num_visualizations", "0", "--output_dir", str(tmp_path / "seg")]
     )  # fmt: skip
     assert set(results["segmentation_per_class_iou"]) == {"background", "cat", "dog"}
+
+
+def test_parquet_written_by_pandas_reads_its_image_structs_as_images(tmp_path):
+    # pandas (or pyarrow) writing a `datasets` image column keeps {"bytes", "path"} structs but drops the Image
+    # feature; they are read as images again instead of reaching the processor as dicts ("got shape ()").
+    import io
+
+    import pandas as pd
+
+    def png(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    rows = []
+    for i in range(4):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[4:20, 4:20] = i % 2
+        rows.append({"image": png(rgb(i)), "labels": [i % 2], "mask": png(Image.fromarray(mask))})
+    os.makedirs(tmp_path / "pq")
+    for split in ("train", "validation"):
+        pd.DataFrame(rows).to_parquet(tmp_path / "pq" / f"{split}.parquet")
+    spec = load_data(DataArguments(dataset_name=str(tmp_path / "pq"), label_names=["a", "b"]))
+    for column in ("image", "mask"):
+        assert isinstance(spec.dataset["validation"].features[column], datasets.Image), column
+    assert spec.dataset["train"][1]["image"].size == (32, 32)
+    encoded = ExampleEncoder(spec, ClsMaskImageProcessor(size={"height": 32, "width": 32}))(spec.dataset["train"][:2])
+    assert encoded["pixel_values"][1].shape == (3, 32, 32) and set(encoded["mask"][1].unique().tolist()) == {0, 1}
 
 
 def test_sampled_training_rows_are_drawn_from_the_models_own_training_rows():

@@ -198,6 +198,8 @@ def resolve_dataset(
     columns = list(split.column_names)
     image_column = _pick(columns, image_column, IMAGE_COLUMNS, "image", required=True)
     mask_column = _pick(columns, mask_column, MASK_COLUMNS, "mask", required=False)
+    dataset = encoded_files_as_images(dataset, [c for c in (image_column, mask_column) if c])
+    split = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     labels_column = _pick(columns, labels_column, LABEL_COLUMNS, "labels", required=mask_column is None)
     class_names = label_names
     if labels_column is not None:
@@ -255,6 +257,22 @@ def resolve_dataset(
         source=source,
         label_offset=mask_label_offset,
     )
+
+
+def encoded_files_as_images(dataset, columns: list[str]):
+    """`dataset` with each of `columns` that holds encoded image files as a struct of `bytes` and `path` (how a
+    `datasets` image column is stored) read as an `Image` column. Parquet written from such a column by pandas or
+    pyarrow keeps the struct but loses the feature, and the struct would otherwise reach the model as a dict."""
+    import datasets
+
+    for column in columns:
+        feature = next(iter(dataset.values())).features[column]
+        if isinstance(feature, dict) and set(feature) == {"bytes", "path"}:
+            logger.info("Column %r holds encoded image files (bytes and path): read as images.", column)
+            dataset = datasets.DatasetDict(
+                {name: split.cast_column(column, datasets.Image()) for name, split in dataset.items()}
+            )
+    return dataset
 
 
 def drop_undecodable(spec: DataSpec) -> DataSpec:
