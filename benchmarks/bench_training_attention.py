@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from modeling_clsmask import ClsMaskConfig, ClsMaskForMultiLabelClassification  # noqa: E402
-from modeling_clsmask.training.loop import ATTENTION_IMPLEMENTATIONS, attention_implementation  # noqa: E402
+from modeling_clsmask.training.loop import ATTENTION_IMPLEMENTATIONS, time_training_step  # noqa: E402
 
 
 NUM_CLASSES = 11
@@ -47,16 +46,14 @@ def preset_shaped_model(image_size: int) -> ClsMaskForMultiLabelClassification:
 
 
 def median_step(model, inputs: torch.Tensor, labels: torch.Tensor, name: str, bf16: bool, repeats: int) -> float:
-    times = []
-    for step in range(repeats + 1):  # the first warms up
-        start = time.perf_counter()
-        with attention_implementation(model.config, name), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            loss = model(block_inputs=inputs, labels=labels).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        if step:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """The median of `repeats` steps, timed by the function `--training_attention auto` decides with."""
+
+    def loss_fn(model, batch):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return model(block_inputs=batch["inputs"], labels=batch["labels"]).loss
+
+    batch = {"inputs": inputs, "labels": labels}
+    return time_training_step(model, model.config, loss_fn, batch, name, repeats, summary=statistics.median)
 
 
 def main():

@@ -74,10 +74,13 @@ def attention_implementation(config, name: str | None):
         config._attn_implementation = own
 
 
-def time_training_step(model, config, loss_fn: Callable, batch: dict, name: str, repeats: int = 2) -> float:
-    """Best seconds of `repeats` forward-and-backward passes of `loss_fn(model, batch)` with attention `name` (set on
-    `config`, the unwrapped model's), in training mode, after one untimed pass. The model leaves as it came: mode
-    restored, gradients cleared, buffers (batch-norm statistics) restored, the global RNG untouched."""
+def time_training_step(
+    model, config, loss_fn: Callable, batch: dict, name: str, repeats: int = 2, summary: Callable = min
+) -> float:
+    """Seconds of a forward-and-backward pass of `loss_fn(model, batch)` with attention `name` (set on `config`, the
+    unwrapped model's), in training mode: `summary` (the best by default) of `repeats` passes after one untimed pass.
+    The model leaves as it came: mode restored, gradients cleared, buffers (batch-norm statistics) restored, the
+    global RNG untouched."""
     times, buffers = [], {key: value.clone() for key, value in model.named_buffers()}
     was_training = model.training
     model.train()
@@ -94,7 +97,7 @@ def time_training_step(model, config, loss_fn: Callable, batch: dict, name: str,
     with torch.no_grad():
         for key, value in model.named_buffers():
             value.copy_(buffers[key])
-    return min(times)
+    return summary(times)
 
 
 TRAINING_ATTENTION_FILE = "training_attention.json"  # in every checkpoint folder: the kernel its run trained with
