@@ -834,6 +834,104 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         fork = self.image_branch_layer()
         return first if fork is None else min(first, fork)
 
+    def patch_rows_are_frozen(self) -> bool:
+        """Whether the patch and [REG] rows of the blocks with class tokens depend on nothing that learns: the class
+        tokens are hidden from them (`hide_class_tokens`) and no parameter of those blocks learns (the pretrained
+        preset). Head gates rule it out: in training a gate samples anew on every call, one sample must serve all
+        rows."""
+        if not self.config.hide_class_tokens or self.config.use_head_gates:
+            return False
+        layers = self.layers[self.first_class_token_layer() :]
+        return not any(parameter.requires_grad for parameter in layers.parameters())
+
+    def patch_rows_need_no_graph(self, output_attentions: bool) -> bool:
+        """Whether the patch and [REG] rows of the blocks with class tokens run without autograd: while gradients are
+        recorded and `patch_rows_are_frozen`. Recording them would only backpropagate zeros, at the cost of a block's
+        backward pass."""
+        return not output_attentions and torch.is_grad_enabled() and self.patch_rows_are_frozen()
+
+    @torch.no_grad()
+    def frozen_patch_states(self, block_inputs: torch.Tensor) -> torch.Tensor:
+        """(B, L, N + R, D) from `class_block_inputs`: the patch and [REG] rows entering each of the L - 1 blocks with
+        class tokens and leaving the last (before the final norm). Where `patch_rows_are_frozen` they are a function
+        of the image, so they can be cached beside the block inputs and training runs only the class rows and the
+        image branch (`forward(block_inputs=..., frozen_patch_states=...)`)."""
+        if not self.patch_rows_are_frozen():
+            raise ValueError(
+                "frozen_patch_states need patch rows that nothing learning reaches: hide_class_tokens=True, no head "
+                "gates and every block with class tokens frozen."
+            )
+        states, kept, first = block_inputs, [], self.first_class_token_layer()
+        for index in range(self.block_inputs_layer(), len(self.layers)):
+            if index >= first:
+                kept.append(states)
+            states = self.layers[index](states, False, False)[0]
+        return torch.stack([*kept, states], dim=1)
+
+    def forward_from_patch_states(
+        self,
+        block_inputs: torch.Tensor,
+        patch_states: torch.Tensor,
+        wanted: set[int],
+        class_tokens_only: bool,
+    ) -> ClsMaskModelOutput:
+        """`forward` from `block_inputs` and their `frozen_patch_states`: only the class rows run, each block's as
+        queries over the class rows and the patch states entering it."""
+        first, num_classes = self.first_class_token_layer(), self.config.num_labels
+        blocks = len(self.layers) - first
+        if patch_states.shape[1] != blocks + 1 or patch_states.shape[2] != block_inputs.shape[1]:
+            raise ValueError(
+                f"frozen_patch_states of shape {tuple(patch_states.shape)} do not fit {blocks} blocks with class "
+                f"tokens and {block_inputs.shape[1]} patch and [REG] rows: compute them with "
+                "frozen_patch_states(block_inputs)."
+            )
+        attention_mask = class_token_isolation_mask(
+            num_classes,
+            block_inputs.shape[1] - self.config.num_register_tokens,
+            self.config.num_register_tokens,
+            block_inputs.device,
+            isolate=self.config.class_token_isolation,
+            hide=True,
+        )
+        class_rows = self.class_token_embeddings(block_inputs.shape[0]).to(block_inputs.dtype)
+        class_attentions = () if wanted else None
+        for offset, layer in enumerate(self.layers[first:]):
+            states = torch.cat([class_rows, patch_states[:, offset]], dim=1)
+            class_rows, attention, _ = layer(states, first + offset in wanted, False, num_classes, attention_mask)
+            if first + offset in wanted:
+                class_attentions += (attention,)
+        hidden_states = class_rows if class_tokens_only else torch.cat([class_rows, patch_states[:, -1]], dim=1)
+        fork = self.image_branch_layer()
+        branch_inputs = None
+        if fork is not None:
+            branch_inputs = block_inputs if fork == self.block_inputs_layer() else patch_states[:, fork - first]
+        return ClsMaskModelOutput(
+            last_hidden_state=self.layernorm(hidden_states),
+            class_attentions=class_attentions,
+            image_branch_inputs=branch_inputs,
+        )
+
+    def class_rows_through(
+        self,
+        layer: ClsMaskLayer,
+        hidden_states: torch.Tensor,
+        output_class_attentions: bool,
+        attention_mask: torch.Tensor,
+        only_class_rows: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block as `patch_rows_need_no_graph` allows: the class rows with autograd, as queries over every token,
+        the patch and [REG] rows without (hidden class tokens cannot reach them, so they are those of the joint
+        block); with `only_class_rows`, only the class rows come back."""
+        num_classes = self.config.num_labels
+        class_rows, class_attentions, _ = layer(
+            hidden_states, output_class_attentions, False, num_classes, attention_mask
+        )
+        if only_class_rows:
+            return class_rows, class_attentions
+        with torch.no_grad():
+            rest = layer(hidden_states[:, num_classes:], False, False)[0]
+        return torch.cat([class_rows, rest], dim=1), class_attentions
+
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C + N + R, D) the tokens as they enter block 0: embedded, then the pre-encoder norm if there is one."""
         hidden_states = self.embeddings(pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype))
@@ -942,6 +1040,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         output_hidden_states: bool | None = None,
         class_tokens_only: bool = False,
         block_inputs: torch.Tensor | None = None,
+        frozen_patch_states: torch.Tensor | None = None,
         **kwargs,
     ) -> ClsMaskModelOutput | tuple:
         """
@@ -952,6 +1051,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
             Heads that read only the class tokens skip the last block's patch-token work (a 1/num_layers saving).
         block_inputs: instead of `pixel_values`, the (B, N + R, D) states of `class_block_inputs`: the pass starts
             at the first block with class tokens (the earlier blocks' hidden states and attentions do not exist).
+        frozen_patch_states: with `block_inputs`, their `frozen_patch_states`: only the class rows run.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -959,6 +1059,8 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         )
         if (pixel_values is None) == (block_inputs is None):
             raise ValueError("Pass exactly one of pixel_values and block_inputs.")
+        if frozen_patch_states is not None and block_inputs is None:
+            raise ValueError("frozen_patch_states come with the block_inputs they were computed from.")
         start = 0
         if block_inputs is not None:
             if output_attentions or output_hidden_states:
@@ -972,6 +1074,10 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
             rows, cols = patch_grid(pixel_values, self.config.patch_size)
             num_patches = rows * cols
         wanted = set(self.class_attention_layers(attention_map_layers)) if output_class_attentions else set()
+        if frozen_patch_states is not None:
+            if not self.patch_rows_are_frozen():
+                raise ValueError("frozen_patch_states need patch_rows_are_frozen(): a block with class tokens learns.")
+            return self.forward_from_patch_states(block_inputs, frozen_patch_states, wanted, class_tokens_only)
         if (
             block_inputs is None
             and self.training
@@ -999,6 +1105,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         num_classes = self.config.num_labels
         first_class_layer = self.first_class_token_layer()
         fork, branch_inputs = self.image_branch_layer(), None
+        frozen_patch_rows = self.patch_rows_need_no_graph(bool(output_attentions))
         for index, layer in enumerate(self.layers):
             if index < start:
                 continue  # computed before: block_inputs
@@ -1015,9 +1122,15 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
                     all_hidden += (hidden_states,)
                 continue
             num_queries = num_classes if class_tokens_only and index == last else None
-            hidden_states, layer_class_attentions, layer_attentions = layer(
-                hidden_states, index in wanted, bool(output_attentions), num_queries, attention_mask
-            )
+            if frozen_patch_rows:
+                hidden_states, layer_class_attentions = self.class_rows_through(
+                    layer, hidden_states, index in wanted, attention_mask, only_class_rows=num_queries is not None
+                )
+                layer_attentions = None
+            else:
+                hidden_states, layer_class_attentions, layer_attentions = layer(
+                    hidden_states, index in wanted, bool(output_attentions), num_queries, attention_mask
+                )
             if index in wanted:
                 class_attentions += (layer_class_attentions,)
             if output_attentions:
@@ -1260,6 +1373,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         block_inputs: torch.Tensor | None = None,
+        frozen_patch_states: torch.Tensor | None = None,
     ) -> ClsMaskClassifierOutput | tuple:
         """One pass, the same in training and inference (test-time passes and refinement: `predict_class_maps`).
 
@@ -1268,6 +1382,8 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         output_class_maps: also return the (B, C, h, w) class maps on the patch grid (and the class attention rows).
         block_inputs: instead of `pixel_values`, `clsmask.class_block_inputs(pixel_values)` computed before (a
             frozen backbone's features cached for training); no class maps then (they need the image's grid).
+        frozen_patch_states: with `block_inputs`, `clsmask.frozen_patch_states(block_inputs)` computed before: only
+            the class rows and the image branch run.
         """
         if output_attentions is None:
             output_attentions = self.config.output_attentions
@@ -1280,6 +1396,7 @@ class ClsMaskForMultiLabelClassification(ClsMaskPreTrainedModel):
         outputs = self.clsmask(
             pixel_values,
             block_inputs=block_inputs,
+            frozen_patch_states=frozen_patch_states,
             return_dict=True,
             output_class_attentions=output_class_maps,
             attention_map_layers=attention_map_layers,

@@ -475,6 +475,66 @@ def test_forward_from_cached_block_inputs_equals_the_full_pass():
         model(block_inputs=inputs, output_class_maps=True)
 
 
+def frozen_preset_model(**overrides):
+    """The pretrained preset's shape: class tokens in the last block, hidden from the patches, frozen blocks."""
+    fields = dict(
+        class_token_layers=1, attention_map_layers=1, num_hidden_layers=3, use_patch_classifier=True,
+        hide_class_tokens=True, image_branch_layers=1, image_branch_logit_weight=0.5,
+        patch_classifier_top_fraction=0.25,
+    )  # fmt: skip
+    model = ClsMaskForMultiLabelClassification(tiny_config(**{**fields, **overrides})).train()
+    model.clsmask.layers.requires_grad_(False)
+    return model
+
+
+def test_frozen_patch_rows_run_without_graph_and_train_as_the_joint_block(monkeypatch):
+    # Hidden class tokens cannot reach the patch rows and the blocks do not learn, so the patch rows are recorded for
+    # nothing: the split pass must give the joint block's loss and every gradient, and be taken only when it may.
+    torch.manual_seed(0)
+    model = frozen_preset_model()
+    inputs, labels = model.clsmask.class_block_inputs(torch.randn(4, 3, 32, 32)), torch.tensor([[1, 0, 1]] * 4)
+
+    def loss_and_grads(**extra):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same token-masking draws
+        loss = model(block_inputs=inputs, labels=labels, **extra).loss
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert model.clsmask.patch_rows_need_no_graph(False)
+    split_loss, split_grads = loss_and_grads()
+    # The patch rows computed once (what the feature cache holds): only the class rows and the branch run.
+    states = model.clsmask.frozen_patch_states(inputs)
+    assert states.shape == (4, 2, 16 + 1, 32)  # entering the last block and leaving it
+    cached_loss, cached_grads = loss_and_grads(frozen_patch_states=states)
+    monkeypatch.setattr(ClsMaskModel, "patch_rows_need_no_graph", lambda self, output_attentions: False)
+    joint_loss, joint_grads = loss_and_grads()
+    for loss, grads in ((split_loss, split_grads), (cached_loss, cached_grads)):
+        torch.testing.assert_close(loss, joint_loss)
+        assert grads.keys() == joint_grads.keys()
+        assert any("class_tokens" in name for name in grads)
+        assert any("patch_classifier" in name for name in grads)
+        assert any("image_branch" in name for name in grads)
+        for name in joint_grads:
+            torch.testing.assert_close(grads[name], joint_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="frozen_patch_states of shape"):
+        model(block_inputs=inputs, frozen_patch_states=states[:, :1])
+    with pytest.raises(ValueError, match="block_inputs they were computed from"):
+        model.clsmask(torch.randn(4, 3, 32, 32), frozen_patch_states=states)
+    with torch.no_grad():
+        assert not model.clsmask.patch_rows_need_no_graph(False)  # inference: nothing to save
+    assert not model.clsmask.patch_rows_need_no_graph(True)  # whole attention rows asked for
+    model.clsmask.layers[-1].requires_grad_(True)
+    assert not model.clsmask.patch_rows_need_no_graph(False)  # a learning block: its patch rows carry gradients
+    with pytest.raises(ValueError, match="a block with class tokens learns"):
+        model(block_inputs=inputs, frozen_patch_states=states)
+    with pytest.raises(ValueError, match="nothing learning reaches"):
+        model.clsmask.frozen_patch_states(inputs)
+    assert not frozen_preset_model(hide_class_tokens=False).clsmask.patch_rows_need_no_graph(False)
+    assert not frozen_preset_model(use_head_gates=True).clsmask.patch_rows_need_no_graph(False)
+
+
 def test_patch_dropout_training_only():
     config = tiny_config(patch_dropout=0.5, patch_embedding_type="patchify")
     model = ClsMaskModel(config)
