@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[AUTO, "off"],
         default=AUTO,
         help="'auto': where nothing below the first block with class tokens learns and the only augmentation is the "
-        "flip, compute those blocks once per training image and flip and train from memory (at most "
+        "flip, compute those blocks once per training image and flip, with the patch rows of the blocks above where "
+        "nothing learning reaches them (hidden class tokens, frozen blocks), and train from memory (at most "
         f"{FEATURE_CACHE_MAX_GIB:g} GiB); 'off': run the whole backbone every step.",
     )
     model.add_argument(
@@ -518,20 +519,26 @@ def feature_cache_blocker(args, model: ClsMaskForMultiLabelClassification) -> st
 
 
 @torch.no_grad()
-def cache_block_inputs(model: ClsMaskForMultiLabelClassification, loader, accelerator) -> dict[str, torch.Tensor]:
-    """`class_block_inputs` of every image of `loader` as given and flipped (in the order of the loader), on the
-    CPU: what `CachedFeatures` serves to the training loop."""
+def cache_block_inputs(
+    model: ClsMaskForMultiLabelClassification, loader, accelerator, patch_states: bool = False
+) -> dict[str, torch.Tensor]:
+    """`class_block_inputs` of every image of `loader` as given and flipped (in the order of the loader), and with
+    `patch_states` their `frozen_patch_states`, on the CPU: what `CachedFeatures` serves to the training loop."""
     base = model.clsmask
     was_training = base.training
     base.eval().to(accelerator.device)
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    parts = {"plain": [], "flipped": [], "labels": []}
+    views = ("plain", "flipped")
+    parts = {key: [] for key in (*views, *(f"{view}_patch_states" for view in views if patch_states), "labels")}
     with torch.random.fork_rng(devices=[]):  # iterating a loader draws a seed: the training's draws stay as they were
         for batch in tqdm(loader, desc="features", disable=not accelerator.is_local_main_process, leave=False):
             pixels = batch["pixel_values"].to(accelerator.device)
-            with accelerator.autocast():
-                parts["plain"].append(base.class_block_inputs(pixels).to("cpu", dtype))
-                parts["flipped"].append(base.class_block_inputs(pixels.flip(-1)).to("cpu", dtype))
+            for view, images in zip(views, (pixels, pixels.flip(-1))):
+                with accelerator.autocast():
+                    inputs = base.class_block_inputs(images)
+                    parts[view].append(inputs.to("cpu", dtype))
+                    if patch_states:
+                        parts[f"{view}_patch_states"].append(base.frozen_patch_states(inputs).to("cpu", dtype))
             parts["labels"].append(batch["labels"])
     base.train(was_training)
     return {key: torch.cat(values) for key, values in parts.items()}
@@ -730,6 +737,7 @@ def cached_train_loader(args, model, train_loader, accelerator):
     cached block inputs (same rows, order and batches as `train_loader`), else None (the reason is logged)."""
     if args.cache_features == "off":
         return None
+    base = model.clsmask
     blocker = feature_cache_blocker(args, model)
     rows = len(train_loader.dataset)
     grid = (model.config.image_size // model.config.patch_size) ** 2
@@ -741,14 +749,25 @@ def cached_train_loader(args, model, train_loader, accelerator):
     if blocker is not None:
         logger.info(f"Features not cached ({blocker}): the whole backbone runs every step.")
         return None
-    first = model.clsmask.block_inputs_layer()
+    first, first_class = base.block_inputs_layer(), base.first_class_token_layer()
+    # The frozen patch rows of the blocks with class tokens too, where they fit: entering each and leaving the last.
+    states_gib = gib * (len(base.layers) - first_class + 1) if base.patch_rows_are_frozen() else None
+    with_states = states_gib is not None and gib + states_gib <= FEATURE_CACHE_MAX_GIB
     # train_loader's own encoded rows, in their stored order (the cache is indexed like the dataset).
     rows_loader = torch.utils.data.DataLoader(
         train_loader.dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate
     )
-    features = cache_block_inputs(model, rows_loader, accelerator)
-    logger.info(f"Features cached: the inputs of block {first} for {rows} training images as given and flipped "
-                f"({gib:.2f} GiB); blocks 0-{first - 1} do not run again in training.")  # fmt: skip
+    features = cache_block_inputs(model, rows_loader, accelerator, patch_states=with_states)
+    cached = f"the inputs of block {first} for {rows} training images as given and flipped"
+    skipped = f"blocks 0-{first - 1} do not run again in training"
+    if with_states:
+        cached += f", with the frozen patch rows of blocks {first_class}-{len(base.layers) - 1}"
+        skipped += ", nor do the patch rows of the blocks above"
+    elif states_gib is not None:
+        skipped += (f" (the frozen patch rows above, {states_gib:.1f} GiB more, exceed {FEATURE_CACHE_MAX_GIB:g} GiB: "
+                    "they run every step)")  # fmt: skip
+    total = gib + (states_gib if with_states else 0.0)
+    logger.info(f"Features cached: {cached} ({total:.2f} GiB); {skipped}.")
     return cached_features_dataloader(features, args.per_device_train_batch_size, args.seed)
 
 
@@ -893,7 +912,12 @@ def main(argv: list[str] | None = None) -> dict:
         if "plain" in batch:  # cached features: the same flip draw as augment_batch's (it has no crop here)
             flip = torch.rand(batch["plain"].shape[0], 4, device=batch["plain"].device)[:, 3] < args.flip_prob
             inputs = torch.where(flip[:, None, None], batch["flipped"], batch["plain"]).float()  # bf16 in memory
-            return model(block_inputs=inputs, labels=batch["labels"]).loss
+            states = None
+            if "plain_patch_states" in batch:
+                states = torch.where(
+                    flip[:, None, None, None], batch["flipped_patch_states"], batch["plain_patch_states"]
+                ).float()
+            return model(block_inputs=inputs, frozen_patch_states=states, labels=batch["labels"]).loss
         pixels, _ = augment_batch(batch["pixel_values"], None, args.flip_prob, (args.crop_scale_min, 1.0))
         return model(pixels, labels=batch["labels"]).loss
 

@@ -573,7 +573,7 @@ def test_pretrained_preset_and_background_notice(tmp_path, capsys):
         run_pretrain.freeze_early_layers(model, 9)
 
 
-def test_cached_features_train_the_weights_the_full_backbone_trains(tmp_path, caplog):
+def test_cached_features_train_the_weights_the_full_backbone_trains(tmp_path, caplog, monkeypatch):
     # With nothing below the class tokens learning and the flip as the only augmentation, training from cached block
     # inputs replays the uncached run: the same rows in the same order, the same flip draws, the same token masking.
     from transformers import Dinov2Config, Dinov2Model
@@ -586,14 +586,22 @@ def test_cached_features_train_the_weights_the_full_backbone_trains(tmp_path, ca
     with caplog.at_level(logging.INFO):
         run_pretrain.main([*common, "--output_dir", str(tmp_path / "cached")])
         assert "Features cached: the inputs of block 1 for 48 training images" in caplog.text
+        assert "with the frozen patch rows of blocks 2-2" in caplog.text  # the class rows alone run above
         assert "Test-time scales 'auto': [1.0, 1.5] (patch grid 2 x 2;" in caplog.text
         caplog.clear()
         run_pretrain.main([*common, "--cache_features", "off", "--output_dir", str(tmp_path / "full")])
         assert "Features cached" not in caplog.text
-    cached = load_file(tmp_path / "cached" / "model.safetensors")
+        caplog.clear()
+        # Room for the block inputs (5.7e-5 GiB) but not for the patch rows above them too: the inputs alone.
+        monkeypatch.setattr(run_pretrain, "FEATURE_CACHE_MAX_GIB", 1e-4)
+        run_pretrain.main([*common, "--output_dir", str(tmp_path / "inputs_only")])
+        assert "Features cached: the inputs of block 1 for 48 training images as given and flipped (" in caplog.text
+        assert "the frozen patch rows above, 0.0 GiB more, exceed 0.0001 GiB" in caplog.text
     full = load_file(tmp_path / "full" / "model.safetensors")
-    for key in full:
-        torch.testing.assert_close(cached[key], full[key], atol=1e-6, rtol=1e-5, msg=key)
+    for run in ("cached", "inputs_only"):
+        cached = load_file(tmp_path / run / "model.safetensors")
+        for key in full:
+            torch.testing.assert_close(cached[key], full[key], atol=1e-6, rtol=1e-5, msg=f"{run}: {key}")
     names = ["background", "disk", "square", "triangle", "cross", "ring"]
     started = run_pretrain.build_model(run_pretrain.parse_args(common), names).state_dict()
     assert not torch.allclose(started["patch_classifier.dense.weight"], full["patch_classifier.dense.weight"])
