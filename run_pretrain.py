@@ -765,7 +765,7 @@ def cached_train_loader(args, model, train_loader, accelerator):
         skipped += ", nor do the patch rows of the blocks above"
     elif states_gib is not None:
         skipped += (f" (the frozen patch rows above, {states_gib:.1f} GiB more, exceed {FEATURE_CACHE_MAX_GIB:g} GiB: "
-                    "they run every step)")  # fmt: skip
+                    "they run every step, without autograd)")  # fmt: skip
     total = gib + (states_gib if with_states else 0.0)
     logger.info(f"Features cached: {cached} ({total:.2f} GiB); {skipped}.")
     return cached_features_dataloader(features, args.per_device_train_batch_size, args.seed)
