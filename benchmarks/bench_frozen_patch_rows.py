@@ -27,20 +27,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-from bench_training_attention import BATCH, NUM_CLASSES, preset_shaped_model  # noqa: E402
+from bench_training_attention import (  # noqa: E402
+    BATCH,
+    BF16_SKIPPED,
+    NUM_CLASSES,
+    bf16_cases,
+    preset_shaped_model,
+    step_time,
+)
 
 from modeling_clsmask import ClsMaskModel  # noqa: E402
-from modeling_clsmask.training.loop import cpu_bf16_is_native, time_training_step  # noqa: E402
-
-
-def step_seconds(model, batch: dict, bf16: bool) -> float:
-    """One timed training step (after a warm-up) of `batch`'s inputs, and their patch states where it has them."""
-
-    def loss_fn(model, batch):
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            return model(**batch).loss
-
-    return time_training_step(model, model.config, loss_fn, batch, "sdpa", 1)
+from modeling_clsmask.training.loop import cpu_bf16_is_native  # noqa: E402
 
 
 def main():
@@ -60,19 +57,19 @@ def main():
         batch = {"block_inputs": torch.randn(BATCH, tokens, 384), "labels": (torch.rand(BATCH, NUM_CLASSES) < 0.35)}
         batch["labels"] = batch["labels"].float()
         cached = {**batch, "frozen_patch_states": model.clsmask.frozen_patch_states(batch["block_inputs"])}
-        for bf16 in (False, True) if cpu_bf16_is_native() else (False,):
+        for bf16 in bf16_cases():
             seconds = {"joint": [], "no graph": [], "cached": []}
-            for _ in range(args.repeats):
+            for _ in range(args.repeats):  # one timed step (after a warm-up) of each, in turn
                 with joint:
-                    seconds["joint"].append(step_seconds(model, batch, bf16))
-                seconds["no graph"].append(step_seconds(model, batch, bf16))
-                seconds["cached"].append(step_seconds(model, cached, bf16))
+                    seconds["joint"].append(step_time(model, batch, "sdpa", bf16, 1))
+                seconds["no graph"].append(step_time(model, batch, "sdpa", bf16, 1))
+                seconds["cached"].append(step_time(model, cached, "sdpa", bf16, 1))
             whole, split, read = (statistics.median(values) for values in seconds.values())
             precision = "bf16" if bf16 else "fp32"
             print(f"{size:<8}{tokens:>7}{precision:>11}{whole:>9.3f}{split:>12.3f}{read:>10.3f}"
                   f"{split / whole:>17.2f}x{read / whole:>15.2f}x")  # fmt: skip
     if not cpu_bf16_is_native():
-        print("bf16 skipped: this CPU has no native bf16 (training falls back to fp32 here)")
+        print(BF16_SKIPPED)
 
 
 if __name__ == "__main__":

@@ -50,15 +50,22 @@ def preset_shaped_model(image_size: int) -> ClsMaskForMultiLabelClassification:
     return model
 
 
-def median_step(model, inputs: torch.Tensor, labels: torch.Tensor, name: str, bf16: bool, repeats: int) -> float:
-    """The median of `repeats` steps, timed by the function `--training_attention auto` decides with."""
+BF16_SKIPPED = "bf16 skipped: this CPU has no native bf16 (training falls back to fp32 here)"
+
+
+def bf16_cases() -> tuple[bool, ...]:
+    """Whether each case runs under bf16 autocast: fp32, and bf16 where the CPU has it natively."""
+    return (False, True) if cpu_bf16_is_native() else (False,)
+
+
+def step_time(model, batch: dict, name: str, bf16: bool, repeats: int) -> float:
+    """The median of `repeats` training steps of `model(**batch)` with attention `name`, timed by the function
+    `--training_attention auto` decides with."""
 
     def loss_fn(model, batch):
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             return model(**batch).loss
 
-    states = model.clsmask.frozen_patch_states(inputs)
-    batch = {"block_inputs": inputs, "frozen_patch_states": states, "labels": labels}
     return time_training_step(model, model.config, loss_fn, batch, name, repeats, summary=statistics.median)
 
 
@@ -75,18 +82,17 @@ def main():
         tokens = (size // 14) ** 2 + 1
         inputs = torch.randn(BATCH, tokens, 384)
         labels = (torch.rand(BATCH, NUM_CLASSES) < 0.35).float()
-        for bf16 in (True, False) if cpu_bf16_is_native() else (False,):
-            seconds = {
-                name: median_step(model, inputs, labels, name, bf16, args.repeats)
-                for name in ATTENTION_IMPLEMENTATIONS
-            }
+        states = model.clsmask.frozen_patch_states(inputs)
+        batch = {"block_inputs": inputs, "frozen_patch_states": states, "labels": labels}
+        for bf16 in bf16_cases():
+            seconds = {name: step_time(model, batch, name, bf16, args.repeats) for name in ATTENTION_IMPLEMENTATIONS}
             ratio = seconds["sdpa"] / seconds["eager"]
             print(
                 f"{size:<8}{tokens:>7}{'bf16' if bf16 else 'fp32':>11}{seconds['sdpa']:>9.3f}{seconds['eager']:>9.3f}"
                 f"{ratio:>13.2f}x  {min(seconds, key=seconds.get)}"
             )
     if not cpu_bf16_is_native():
-        print("bf16 skipped: this CPU has no native bf16 (training falls back to fp32 here)")
+        print(BF16_SKIPPED)
 
 
 if __name__ == "__main__":
