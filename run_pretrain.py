@@ -208,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model's own (sdpa).",
     )
     model.add_argument(
-        "--use_head_gates", action="store_true", help="Hard Concrete gates per head (sparse attention)."
+        "--use_head_gates",
+        action="store_true",
+        help="Hard Concrete gates per head (sparse attention). With hidden class tokens (the pretrained preset) they "
+        "gate the class tokens' rows of the blocks with class tokens and learn even where the blocks are frozen.",
     )
     model.add_argument("--gate_log_alpha_init", type=float, default=3.0, help="Initial gate log_alpha (3 = open).")
     model.add_argument("--l0_penalty", type=float, default=0.01, help="L0 penalty weight on the head gates.")
@@ -578,6 +581,11 @@ def freeze_early_layers(model: ClsMaskForMultiLabelClassification, count: int) -
     for module in frozen:
         module.requires_grad_(False)
     base.embeddings.position_embeddings.requires_grad_(False)
+    if base.config.hide_class_tokens:
+        # Gates on hidden class tokens act on the class rows only: like the class tokens they are the method's
+        # parameters, not the backbone's, and learn in frozen blocks.
+        for gate in base.head_gates():
+            gate.requires_grad_(True)
 
 
 @torch.no_grad()

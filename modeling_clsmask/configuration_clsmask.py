@@ -50,7 +50,10 @@ class ClsMaskConfig(PreTrainedConfig):
         num_register_tokens (`int`): number of [REG] tokens appended after the patches (paper: 1).
         token_mask_rate (`float`): probability of zeroing, during training, the output of the class token of a
             class that is absent from the image (per sample and class). 0 disables class-specific token masking.
-        use_head_gates (`bool`): add one Hard Concrete gate per attention head and an L0 penalty to the loss.
+        use_head_gates (`bool`): add one Hard Concrete gate per attention head and an L0 penalty to the loss. With
+            `hide_class_tokens` only the blocks with class tokens get gates, and they gate the class tokens' rows
+            only (which heads the class tokens read through and average into the maps); the patch rows stay the
+            backbone's.
         gate_temperature, gate_limit_low, gate_limit_high: Hard Concrete temperature and stretch interval.
         l0_penalty (`float`): weight of the expected number of open gates in the loss.
         attention_map_layers (`int`): how many of the last layers' class-to-patch attention are summed into the

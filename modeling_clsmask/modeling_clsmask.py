@@ -287,7 +287,8 @@ class ClsMaskSelfAttention(nn.Module):
 
     Gating the head output equals gating its attention map (the value product is linear), and keeps fused kernels
     (sdpa, flash) usable in training. The class tokens' attention rows are computed explicitly only when asked
-    for, as C x T instead of T x T.
+    for, as C x T instead of T x T. `gated_rows` limits the gates to the first query rows: with hidden class tokens
+    they gate the class tokens' rows only, so the patch rows stay the backbone's.
     """
 
     def __init__(self, config: ClsMaskConfig, gated: bool = True):
@@ -312,9 +313,11 @@ class ClsMaskSelfAttention(nn.Module):
         output_attentions: bool = False,
         num_queries: int | None = None,
         attention_mask: torch.Tensor | None = None,
+        gated_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`num_queries`: attend from the first `num_queries` tokens only (keys and values stay all tokens).
-        `attention_mask`: additive (1, 1, T, T) mask (0 or a large negative), sliced to the queries used."""
+        `attention_mask`: additive (1, 1, T, T) mask (0 or a large negative), sliced to the queries used.
+        `gated_rows`: the gates act on the first `gated_rows` query rows only (None: on all)."""
         batch, length, _ = hidden_states.shape
         num_queries = num_queries or length
         shape = (batch, -1, self.num_attention_heads, self.head_dim)
@@ -336,8 +339,12 @@ class ClsMaskSelfAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
-        if self.head_gate is not None:
-            attn_output = attn_output * self.head_gate().to(attn_output.dtype)[None, None, :, None]
+        if self.head_gate is not None and gated_rows != 0:
+            gate = self.head_gate().to(attn_output.dtype)[None, None, :, None]
+            if gated_rows is None or gated_rows >= num_queries:
+                attn_output = attn_output * gate
+            else:
+                attn_output = torch.cat([attn_output[:, :gated_rows] * gate, attn_output[:, gated_rows:]], dim=1)
         attn_output = self.o_proj(attn_output.reshape(batch, num_queries, -1))
 
         class_attentions = None
@@ -396,14 +403,17 @@ class ClsMaskLayer(GradientCheckpointingLayer):
         output_attentions: bool = False,
         num_queries: int | None = None,
         attention_mask: torch.Tensor | None = None,
+        gated_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """With `num_queries`, only the first `num_queries` tokens are updated and returned."""
+        """With `num_queries`, only the first `num_queries` tokens are updated and returned; `gated_rows`: as in
+        `ClsMaskSelfAttention`."""
         attn_output, class_attentions, attentions = self.attention(
             self.layernorm_before(hidden_states),
             output_class_attentions,
             output_attentions,
             num_queries,
             attention_mask,
+            gated_rows,
         )
         hidden_states = hidden_states[:, : attn_output.shape[1]] + self.dropout(attn_output)
         hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
@@ -808,7 +818,15 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         self.pre_layernorm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else None
         )
-        self.layers = nn.ModuleList([ClsMaskLayer(config) for _ in range(config.num_hidden_layers)])
+        # With hidden class tokens the gates act on the class tokens' rows only (`class_rows_gated`): blocks without
+        # class tokens get none, and the patch rows stay the backbone's.
+        first = self.first_class_token_layer()
+        self.layers = nn.ModuleList(
+            [
+                ClsMaskLayer(config, gated=not config.hide_class_tokens or index >= first)
+                for index in range(config.num_hidden_layers)
+            ]
+        )
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -820,6 +838,12 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         """Index of the first block the class tokens take part in (0 unless `class_token_layers` is set)."""
         joined = self.config.class_token_layers or self.config.num_hidden_layers
         return self.config.num_hidden_layers - joined
+
+    def class_rows_gated(self) -> int | None:
+        """`gated_rows` of a block call that includes the class tokens: with hidden class tokens, the class rows (the
+        gates then choose the heads the class tokens read through and whose attention makes the maps, and leave the
+        patch rows, which the class tokens cannot reach, to the backbone); else every row (the paper's gates)."""
+        return self.config.num_labels if self.config.hide_class_tokens else None
 
     def image_branch_layer(self) -> int | None:
         """Index of the block the image branch forks off before (None without a branch)."""
@@ -837,12 +861,11 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
     def patch_rows_are_frozen(self) -> bool:
         """Whether the patch and [REG] rows of the blocks with class tokens depend on nothing that learns: the class
         tokens are hidden from them (`hide_class_tokens`) and no parameter of those blocks learns (the pretrained
-        preset). Head gates rule it out: in training a gate samples anew on every call, one sample must serve all
-        rows."""
-        if not self.config.hide_class_tokens or self.config.use_head_gates:
+        preset). Head gates do not count: with hidden class tokens they act on the class rows only."""
+        if not self.config.hide_class_tokens:
             return False
         layers = self.layers[self.first_class_token_layer() :]
-        return not any(parameter.requires_grad for parameter in layers.parameters())
+        return not any(p.requires_grad for name, p in layers.named_parameters() if "head_gate" not in name)
 
     def patch_rows_need_no_graph(self, output_attentions: bool) -> bool:
         """Whether the patch and [REG] rows of the blocks with class tokens run without autograd: while gradients are
@@ -865,7 +888,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         for index in range(self.block_inputs_layer(), len(self.layers)):
             if index >= first:
                 kept.append(states)
-            states = self.layers[index](states, False, False)[0]
+            states = self.layers[index](states, False, False, gated_rows=0)[0]
         return torch.stack([*kept, states], dim=1)
 
     def forward_from_patch_states(
@@ -897,7 +920,9 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         class_attentions = () if wanted else None
         for offset, layer in enumerate(self.layers[first:]):
             states = torch.cat([class_rows, patch_states[:, offset]], dim=1)
-            class_rows, attention, _ = layer(states, first + offset in wanted, False, num_classes, attention_mask)
+            class_rows, attention, _ = layer(
+                states, first + offset in wanted, False, num_classes, attention_mask, gated_rows=num_classes
+            )
             if first + offset in wanted:
                 class_attentions += (attention,)
         hidden_states = class_rows if class_tokens_only else torch.cat([class_rows, patch_states[:, -1]], dim=1)
@@ -924,12 +949,12 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         block); with `only_class_rows`, only the class rows come back."""
         num_classes = self.config.num_labels
         class_rows, class_attentions, _ = layer(
-            hidden_states, output_class_attentions, False, num_classes, attention_mask
+            hidden_states, output_class_attentions, False, num_classes, attention_mask, gated_rows=num_classes
         )
         if only_class_rows:
             return class_rows, class_attentions
         with torch.no_grad():
-            rest = layer(hidden_states[:, num_classes:], False, False)[0]
+            rest = layer(hidden_states[:, num_classes:], False, False, gated_rows=0)[0]
         return torch.cat([class_rows, rest], dim=1), class_attentions
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -1000,17 +1025,23 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
             )
         return list(range(total - num_layers, total))
 
+    def head_gates(self) -> list[ClsMaskHeadGate]:
+        """The gates of the gated blocks, in order (every block, or with hidden class tokens those with class
+        tokens)."""
+        gates = [layer.attention.head_gate for layer in self.layers]
+        return [gate for gate in gates if gate is not None]
+
     def l0_norm(self) -> torch.Tensor | None:
-        """Expected number of open head gates over all layers (None without gates)."""
+        """Expected number of open head gates over the gated blocks (None without gates)."""
         if not self.config.use_head_gates:
             return None
-        return torch.stack([layer.attention.head_gate.l0_norm() for layer in self.layers]).sum()
+        return torch.stack([gate.l0_norm() for gate in self.head_gates()]).sum()
 
     def gate_values(self) -> torch.Tensor | None:
-        """(layers, heads) deterministic gate values; 0 means the head is pruned."""
+        """(gated blocks, heads) deterministic gate values; 0 means the head is pruned."""
         if not self.config.use_head_gates:
             return None
-        return torch.stack([layer.attention.head_gate.deterministic().detach() for layer in self.layers])
+        return torch.stack([gate.deterministic().detach() for gate in self.head_gates()])
 
     def drop_patches(self, hidden_states: torch.Tensor, num_patches: int) -> tuple[torch.Tensor, int]:
         """Keep a random `1 - patch_dropout` share of the patch tokens of each image (training only).
@@ -1129,7 +1160,12 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
                 layer_attentions = None
             else:
                 hidden_states, layer_class_attentions, layer_attentions = layer(
-                    hidden_states, index in wanted, bool(output_attentions), num_queries, attention_mask
+                    hidden_states,
+                    index in wanted,
+                    bool(output_attentions),
+                    num_queries,
+                    attention_mask,
+                    self.class_rows_gated(),
                 )
             if index in wanted:
                 class_attentions += (layer_class_attentions,)

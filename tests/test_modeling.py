@@ -487,11 +487,15 @@ def frozen_preset_model(**overrides):
     return model
 
 
-def test_frozen_patch_rows_run_without_graph_and_train_as_the_joint_block(monkeypatch):
+@pytest.mark.parametrize("gates", [False, True])
+def test_frozen_patch_rows_run_without_graph_and_train_as_the_joint_block(monkeypatch, gates):
     # Hidden class tokens cannot reach the patch rows and the blocks do not learn, so the patch rows are recorded for
     # nothing: the split pass must give the joint block's loss and every gradient, and be taken only when it may.
+    # Head gates (learning, stochastic at log_alpha 0) act on the class rows only, so they do not change that.
     torch.manual_seed(0)
-    model = frozen_preset_model()
+    model = frozen_preset_model(use_head_gates=gates, gate_log_alpha_init=0.0)
+    for gate in model.clsmask.head_gates():
+        gate.requires_grad_(True)
     inputs, labels = model.clsmask.class_block_inputs(torch.randn(4, 3, 32, 32)), torch.tensor([[1, 0, 1]] * 4)
 
     def loss_and_grads(**extra):
@@ -515,6 +519,7 @@ def test_frozen_patch_rows_run_without_graph_and_train_as_the_joint_block(monkey
         assert any("class_tokens" in name for name in grads)
         assert any("patch_classifier" in name for name in grads)
         assert any("image_branch" in name for name in grads)
+        assert any("head_gate" in name for name in grads) == gates
         for name in joint_grads:
             torch.testing.assert_close(grads[name], joint_grads[name], atol=1e-6, rtol=1e-5, msg=name)
     monkeypatch.undo()
@@ -532,7 +537,29 @@ def test_frozen_patch_rows_run_without_graph_and_train_as_the_joint_block(monkey
     with pytest.raises(ValueError, match="nothing learning reaches"):
         model.clsmask.frozen_patch_states(inputs)
     assert not frozen_preset_model(hide_class_tokens=False).clsmask.patch_rows_need_no_graph(False)
-    assert not frozen_preset_model(use_head_gates=True).clsmask.patch_rows_need_no_graph(False)
+
+
+def test_gates_on_hidden_class_tokens_gate_the_class_rows_only():
+    # The pretrained preset's shape: the gates choose the heads the class tokens read through and whose attention
+    # makes the maps; the patch rows (what the patch classifier, the affinity and the cache see) stay the backbone's.
+    torch.manual_seed(0)
+    gated = frozen_preset_model(use_head_gates=True).eval()
+    assert [layer.attention.head_gate is not None for layer in gated.clsmask.layers] == [False, False, True]
+    plain = frozen_preset_model().eval()
+    plain.load_state_dict(gated.state_dict(), strict=False)
+    with torch.no_grad():
+        gated.clsmask.layers[-1].attention.head_gate.log_alpha[:2] = -10.0  # heads 0 and 1 closed
+    pixels = torch.randn(2, 3, 32, 32)
+    out, ref = (model.clsmask(pixels).last_hidden_state for model in (gated, plain))
+    torch.testing.assert_close(out[:, 3:], ref[:, 3:])
+    assert (out[:, :3] - ref[:, :3]).abs().max() > 1e-3
+    torch.testing.assert_close(gated.clsmask.layers[-1].attention.head_weights(), torch.tensor([0.0, 0.0, 0.5, 0.5]))
+    # The paper's gates (class tokens visible to the patches) act on every row.
+    paper = ClsMaskModel(tiny_config(use_head_gates=True)).eval()
+    with torch.no_grad():
+        reference = paper(pixels).last_hidden_state
+        paper.layers[-1].attention.head_gate.log_alpha[:2] = -10.0
+    assert (paper(pixels).last_hidden_state[:, 3:] - reference[:, 3:]).abs().max() > 1e-3
 
 
 def test_patch_dropout_training_only():

@@ -554,6 +554,13 @@ def test_pretrained_preset_and_background_notice(tmp_path, capsys):
     assert all(p.requires_grad for p in model.clsmask.layers[2].parameters())
     assert not model.clsmask.embeddings.position_embeddings.requires_grad
     assert model.clsmask.embeddings.class_tokens.requires_grad
+    # Head gates on the hidden class tokens learn in frozen blocks (they gate the class rows only), so the patch rows
+    # stay frozen and the feature cache still holds them.
+    gated_args = argparse.Namespace(**{**vars(args), "use_head_gates": True, "freeze_layers": -1})
+    gated = run_pretrain.build_model(gated_args, ["background", "a"]).clsmask
+    assert [gate.log_alpha.requires_grad for gate in gated.head_gates()] == [True, True]
+    assert not any(p.requires_grad for name, p in gated.layers.named_parameters() if "head_gate" not in name)
+    assert gated.patch_rows_are_frozen()
     # New parameters learn faster than the backbone.
     optimizer = run_pretrain.build_optimizer(args, model)
     rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
