@@ -919,13 +919,13 @@ def main(argv: list[str] | None = None) -> dict:
     def step_loss(model, batch):
         if "plain" in batch:  # cached features: the same flip draw as augment_batch's (it has no crop here)
             flip = torch.rand(batch["plain"].shape[0], 4, device=batch["plain"].device)[:, 3] < args.flip_prob
-            inputs = torch.where(flip[:, None, None], batch["flipped"], batch["plain"]).float()  # bf16 in memory
-            states = None
-            if "plain_patch_states" in batch:
-                states = torch.where(
-                    flip[:, None, None, None], batch["flipped_patch_states"], batch["plain_patch_states"]
-                ).float()
-            return model(block_inputs=inputs, frozen_patch_states=states, labels=batch["labels"]).loss
+
+            def view(suffix: str) -> torch.Tensor:  # each image's flipped or plain cache entry, bf16 in memory
+                plain = batch[f"plain{suffix}"]
+                return torch.where(flip.view(-1, *[1] * (plain.dim() - 1)), batch[f"flipped{suffix}"], plain).float()
+
+            states = view("_patch_states") if "plain_patch_states" in batch else None
+            return model(block_inputs=view(""), frozen_patch_states=states, labels=batch["labels"]).loss
         pixels, _ = augment_batch(batch["pixel_values"], None, args.flip_prob, (args.crop_scale_min, 1.0))
         return model(pixels, labels=batch["labels"]).loss
 

@@ -839,6 +839,19 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
         joined = self.config.class_token_layers or self.config.num_hidden_layers
         return self.config.num_hidden_layers - joined
 
+    def class_token_attention_mask(self, num_patches: int, device: torch.device) -> torch.Tensor | None:
+        """The additive mask that `class_token_isolation` and `hide_class_tokens` ask for (None where neither does)."""
+        if not (self.config.class_token_isolation or self.config.hide_class_tokens):
+            return None
+        return class_token_isolation_mask(
+            self.config.num_labels,
+            num_patches,
+            self.config.num_register_tokens,
+            device,
+            isolate=self.config.class_token_isolation,
+            hide=self.config.hide_class_tokens,
+        )
+
     def class_rows_gated(self) -> int | None:
         """`gated_rows` of a block call that includes the class tokens: with hidden class tokens, the class rows (the
         gates then choose the heads the class tokens read through and whose attention makes the maps, and leave the
@@ -908,14 +921,8 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
                 f"tokens and {block_inputs.shape[1]} patch and [REG] rows: compute them with "
                 "frozen_patch_states(block_inputs)."
             )
-        attention_mask = class_token_isolation_mask(
-            num_classes,
-            block_inputs.shape[1] - self.config.num_register_tokens,
-            self.config.num_register_tokens,
-            block_inputs.device,
-            isolate=self.config.class_token_isolation,
-            hide=True,
-        )
+        num_patches = block_inputs.shape[1] - self.config.num_register_tokens
+        attention_mask = self.class_token_attention_mask(num_patches, block_inputs.device)
         class_rows = self.class_token_embeddings(block_inputs.shape[0]).to(block_inputs.dtype)
         class_attentions = () if wanted else None
         for offset, layer in enumerate(self.layers[first:]):
@@ -1118,16 +1125,7 @@ class ClsMaskModel(ClsMaskPreTrainedModel):
             # Rows asked for must cover every patch (attentions, class maps), so dropout skips those calls.
             hidden_states, num_patches = self.drop_patches(hidden_states, num_patches)
 
-        attention_mask = None
-        if self.config.class_token_isolation or self.config.hide_class_tokens:
-            attention_mask = class_token_isolation_mask(
-                self.config.num_labels,
-                num_patches,
-                self.config.num_register_tokens,
-                hidden_states.device,
-                isolate=self.config.class_token_isolation,
-                hide=self.config.hide_class_tokens,
-            )
+        attention_mask = self.class_token_attention_mask(num_patches, hidden_states.device)
 
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
