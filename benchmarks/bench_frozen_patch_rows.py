@@ -32,6 +32,7 @@ from bench_training_attention import (  # noqa: E402
     BF16_SKIPPED,
     NUM_CLASSES,
     bf16_cases,
+    preset_batch,
     preset_shaped_model,
     step_time,
 )
@@ -53,10 +54,8 @@ def main():
     for size in (112, 224):
         model = preset_shaped_model(size)
         assert model.clsmask.patch_rows_are_frozen(), "the preset's shape no longer has frozen patch rows"
-        tokens = (size // 14) ** 2 + 1
-        batch = {"block_inputs": torch.randn(BATCH, tokens, 384), "labels": (torch.rand(BATCH, NUM_CLASSES) < 0.35)}
-        batch["labels"] = batch["labels"].float()
-        cached = {**batch, "frozen_patch_states": model.clsmask.frozen_patch_states(batch["block_inputs"])}
+        tokens, cached = preset_batch(model, size)
+        batch = {key: value for key, value in cached.items() if key != "frozen_patch_states"}
         for bf16 in bf16_cases():
             seconds = {"joint": [], "no graph": [], "cached": []}
             for _ in range(args.repeats):  # one timed step (after a warm-up) of each, in turn

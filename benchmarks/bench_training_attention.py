@@ -50,6 +50,16 @@ def preset_shaped_model(image_size: int) -> ClsMaskForMultiLabelClassification:
     return model
 
 
+def preset_batch(model: ClsMaskForMultiLabelClassification, image_size: int) -> tuple[int, dict]:
+    """Tokens an image gives and a training batch as the preset trains: random block inputs, their frozen patch
+    rows (`frozen_patch_states`) and labels."""
+    tokens = (image_size // 14) ** 2 + 1
+    inputs = torch.randn(BATCH, tokens, 384)
+    labels = (torch.rand(BATCH, NUM_CLASSES) < 0.35).float()
+    states = model.clsmask.frozen_patch_states(inputs)
+    return tokens, {"block_inputs": inputs, "frozen_patch_states": states, "labels": labels}
+
+
 BF16_SKIPPED = "bf16 skipped: this CPU has no native bf16 (training falls back to fp32 here)"
 
 
@@ -79,11 +89,7 @@ def main():
     print(f"{'input':<8}{'tokens':>7}{'precision':>11}{'sdpa s':>9}{'eager s':>9}{'sdpa / eager':>14}  auto picks")
     for size in (112, 224):
         model = preset_shaped_model(size)
-        tokens = (size // 14) ** 2 + 1
-        inputs = torch.randn(BATCH, tokens, 384)
-        labels = (torch.rand(BATCH, NUM_CLASSES) < 0.35).float()
-        states = model.clsmask.frozen_patch_states(inputs)
-        batch = {"block_inputs": inputs, "frozen_patch_states": states, "labels": labels}
+        tokens, batch = preset_batch(model, size)
         for bf16 in bf16_cases():
             seconds = {name: step_time(model, batch, name, bf16, args.repeats) for name in ATTENTION_IMPLEMENTATIONS}
             ratio = seconds["sdpa"] / seconds["eager"]
